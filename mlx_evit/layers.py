@@ -1,0 +1,321 @@
+"""Layers shared by every EfficientViT family in this package (all NHWC).
+
+Everything a family module needs and that is not specific to it lives here:
+activations, convolution + BatchNorm (+ activation) with inference-time BN
+folding, a backend-aware depthwise convolution, the grouped 1x1 convolution
+used by LiteMLA's multi-scale aggregation, the linear-attention kernels, and
+input validation.
+
+Layout conventions (MLX): activations are ``(B, H, W, C)``; convolution
+weights are ``(O, kH, kW, I / groups)``; pointwise (1x1, stride 1, groups 1)
+convolutions are ``nn.Linear`` layers over the channel axis, with weights
+``(O, I)``, so they run as one GEMM and can be quantized with ``nn.quantize``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+Activation = Optional[Callable[[mx.array], mx.array]]
+
+# ---------------------------------------------------------------------------
+# Activations
+# ---------------------------------------------------------------------------
+
+
+def hardswish(x: mx.array) -> mx.array:
+    """``x * relu6(x + 3) / 6`` (torch.nn.Hardswish), used by the MIT B series."""
+    return x * mx.clip(x + 3.0, 0.0, 6.0) / 6.0
+
+
+def gelu_tanh(x: mx.array) -> mx.array:
+    """GELU with the tanh approximation (torch ``approximate="tanh"``), MIT L series."""
+    return 0.5 * x * (1.0 + mx.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+def gelu(x: mx.array) -> mx.array:
+    """Exact (erf) GELU."""
+    return nn.gelu(x)
+
+
+def relu(x: mx.array) -> mx.array:
+    return mx.maximum(x, 0.0)
+
+
+def elu_plus_one(x: mx.array) -> mx.array:
+    """phi(x) = ELU(x) + 1 > 0: the feature map of the seed model's linear attention."""
+    return mx.where(x > 0, x + 1.0, mx.exp(mx.minimum(x, 0.0)))
+
+
+ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
+    "relu": relu,
+    "hswish": hardswish,
+    "gelu_tanh": gelu_tanh,
+    "gelu": gelu,
+}
+
+
+def get_act(name: Optional[str]) -> Activation:
+    """Activation function by name (``None`` -> no activation)."""
+    if name is None:
+        return None
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}") from None
+
+
+# ---------------------------------------------------------------------------
+# Backend awareness
+# ---------------------------------------------------------------------------
+
+
+def native_grouped_conv() -> bool:
+    """True when MLX's own grouped convolution is the fast path.
+
+    Metal has a dedicated depthwise kernel; the CPU backend runs any grouped
+    convolution as a scalar loop, where shifted multiply-adds (and, for grouped
+    1x1 convolutions, a batched matmul) are several times faster.
+    """
+    return mx.default_device().type == mx.DeviceType.gpu
+
+
+# ---------------------------------------------------------------------------
+# Convolutions
+# ---------------------------------------------------------------------------
+
+
+def _scale_rows(w: mx.array, s: mx.array) -> mx.array:
+    """Multiply ``w`` by ``s`` along its first (output-channel) axis."""
+    return w * s.reshape((-1,) + (1,) * (w.ndim - 1)).astype(w.dtype)
+
+
+class DepthwiseConv2d(nn.Module):
+    """k x k convolution with ``groups == channels`` and symmetric ``k // 2`` padding.
+
+    Weight ``(C, k, k, 1)`` as for ``nn.Conv2d(groups=C)``. On the GPU this
+    calls MLX's grouped conv (dedicated depthwise kernel); elsewhere it sums
+    ``k * k`` shifted, per-channel-scaled views of the padded input, which is
+    exact and much faster than the CPU backend's naive grouped-conv loop.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, stride: int = 1, bias: bool = False):
+        super().__init__()
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        scale = 1.0 / math.sqrt(kernel_size * kernel_size)
+        self.weight = mx.random.uniform(-scale, scale, (channels, kernel_size, kernel_size, 1))
+        if bias:
+            self.bias = mx.zeros((channels,))
+
+    def _extra_repr(self) -> str:
+        return f"{self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, bias={'bias' in self}"
+
+    def __call__(self, x: mx.array) -> mx.array:
+        k, s, p = self.kernel_size, self.stride, self.kernel_size // 2
+        if native_grouped_conv() or k == 1:
+            y = mx.conv2d(x, self.weight, stride=s, padding=p, groups=self.channels)
+        else:
+            B, H, W, C = x.shape
+            Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+            xp = mx.pad(x, [(0, 0), (p, p), (p, p), (0, 0)])
+            w = self.weight.reshape(C, k * k).T  # (k*k, C)
+            y = None
+            for i in range(k):
+                for j in range(k):
+                    tap = xp[:, i : i + s * (Ho - 1) + 1 : s, j : j + s * (Wo - 1) + 1 : s, :]
+                    term = tap * w[i * k + j]
+                    y = term if y is None else y + term
+        if "bias" in self:
+            y = y + self.bias
+        return y
+
+    @staticmethod
+    def torch_to_mlx(leaf: str, value):
+        """PyTorch ``(C, 1, k, k)`` -> ``(C, k, k, 1)``."""
+        return value.transpose(0, 2, 3, 1) if leaf == "weight" and value.ndim == 4 else value
+
+
+class GroupedPointwise(nn.Module):
+    """1x1 convolution with ``groups`` groups, no bias: ``(B, H, W, C) -> (B, H, W, O)``.
+
+    Weight ``(O, 1, 1, C / groups)`` (MLX conv layout). Off the GPU it runs as
+    one batched matmul over the groups instead of MLX's grouped-conv loop.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
+        self.groups = groups
+        scale = 1.0 / math.sqrt(in_channels // groups)
+        self.weight = mx.random.uniform(-scale, scale, (out_channels, 1, 1, in_channels // groups))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if native_grouped_conv():
+            return mx.conv2d(x, self.weight, groups=self.groups)
+        B, H, W, C = x.shape
+        g, O = self.groups, self.weight.shape[0]
+        xg = x.reshape(B * H * W, g, C // g).transpose(1, 0, 2)  # (g, N, C/g)
+        wg = self.weight.reshape(g, O // g, C // g)  # (g, O/g, C/g)
+        y = xg @ wg.transpose(0, 2, 1)  # (g, N, O/g)
+        return y.transpose(1, 0, 2).reshape(B, H, W, O)
+
+    @staticmethod
+    def torch_to_mlx(leaf: str, value):
+        return value.transpose(0, 2, 3, 1) if value.ndim == 4 else value
+
+
+def torch_to_mlx(module: nn.Module, leaf: str, value):
+    """Convert one PyTorch tensor (numpy array) for parameter ``leaf`` of ``module``.
+
+    Decided by the type of the receiving module, never by shape: convolution
+    weights go from OIHW to OHWI, pointwise convolutions that are ``nn.Linear``
+    here drop their trailing 1x1, everything else is unchanged.
+    """
+    hook = getattr(module, "torch_to_mlx", None)
+    if hook is not None:
+        return hook(leaf, value)
+    if isinstance(module, nn.Conv2d) and leaf == "weight" and value.ndim == 4:
+        return value.transpose(0, 2, 3, 1)
+    if isinstance(module, nn.Linear) and leaf == "weight" and value.ndim == 4:
+        if value.shape[2:] != (1, 1):
+            raise ValueError(f"expected a 1x1 convolution weight, got shape {tuple(value.shape)}")
+        return value.reshape(value.shape[0], value.shape[1])
+    return value
+
+
+class ConvNorm(nn.Module):
+    """Convolution, optional BatchNorm, optional activation (``conv``, ``norm`` children).
+
+    The convolution is ``nn.Linear`` for 1x1/stride-1/ungrouped kernels,
+    :class:`DepthwiseConv2d` when ``groups == in == out``, otherwise
+    ``nn.Conv2d`` with symmetric ``k // 2`` padding (PyTorch semantics).
+    :meth:`fuse` folds the BatchNorm into the convolution for inference.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        groups: int = 1,
+        bias: bool = False,
+        norm: bool = True,
+        act: Activation = None,
+        eps: float = 1e-5,
+    ):
+        super().__init__()
+        if kernel_size == 1 and stride == 1 and groups == 1:
+            self.conv = nn.Linear(in_channels, out_channels, bias=bias)
+        elif groups == in_channels == out_channels:
+            self.conv = DepthwiseConv2d(in_channels, kernel_size, stride, bias=bias)
+        elif groups == 1:
+            self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=bias)
+        else:
+            raise ValueError(f"unsupported grouped convolution: groups={groups}, {in_channels}->{out_channels}")
+        self.norm = nn.BatchNorm(out_channels, eps=eps) if norm else None
+        self.act = act
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.conv(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.act is not None:
+            x = self.act(x)
+        return x
+
+    def fuse(self) -> None:
+        """Fold the eval-mode BatchNorm into the convolution (exact up to rounding)."""
+        if self.norm is None:
+            return
+        scale, shift = bn_scale_shift(self.norm)
+        conv = self.conv
+        bias = conv.bias if "bias" in conv else mx.zeros_like(shift)
+        conv.weight = _scale_rows(conv.weight, scale)
+        conv.bias = (bias * scale + shift).astype(conv.weight.dtype)
+        self.norm = None
+
+
+def bn_scale_shift(bn: nn.BatchNorm) -> tuple[mx.array, mx.array]:
+    """Eval-mode BatchNorm as an affine map ``y = x * scale + shift`` (float32)."""
+    var = bn.running_var.astype(mx.float32)
+    mean = bn.running_mean.astype(mx.float32)
+    scale = mx.rsqrt(var + bn.eps)
+    if "weight" in bn:
+        scale = scale * bn.weight.astype(mx.float32)
+    shift = -mean * scale
+    if "bias" in bn:
+        shift = shift + bn.bias.astype(mx.float32)
+    return scale, shift
+
+
+def fuse_modules(model: nn.Module) -> nn.Module:
+    """Call ``fuse()`` on every sub-module that has one (BN folding for inference).
+
+    Returns ``model``, modified in place; call it on an eval-mode model.
+    """
+    for _, module in model.named_modules():
+        if module is not model and callable(getattr(module, "fuse", None)):
+            module.fuse()
+    return model
+
+
+# ---------------------------------------------------------------------------
+# Linear attention
+# ---------------------------------------------------------------------------
+
+
+def linear_attention(q: mx.array, k: mx.array, v: mx.array, eps: float) -> mx.array:
+    """Kernelised attention in O(N): ``q (k^T v) / (q . sum_n k_n + eps)``, in float32.
+
+    ``q, k``: ``(..., N, d)`` non-negative feature maps (already passed through
+    the kernel function); ``v``: ``(..., N, dv)``. Returns ``(..., N, dv)`` in
+    float32. ``k^T [v | 1]`` is one ``(d, dv + 1)`` matrix per head, so no
+    ``N x N`` array is ever formed; its last column is the normaliser.
+    """
+    q = q.astype(mx.float32)
+    k = k.astype(mx.float32)
+    v = v.astype(mx.float32)
+    ones = mx.ones(v.shape[:-1] + (1,), dtype=mx.float32)
+    kv = k.swapaxes(-1, -2) @ mx.concatenate([v, ones], axis=-1)  # (..., d, dv + 1)
+    out = q @ kv  # (..., N, dv + 1)
+    return out[..., :-1] / (out[..., -1:] + eps)
+
+
+# ---------------------------------------------------------------------------
+# Input validation
+# ---------------------------------------------------------------------------
+
+
+def check_image_input(x: mx.array, in_channels: int, multiple: int = 1, min_size: int = 1) -> None:
+    """Raise ``ValueError`` unless ``x`` is an NHWC batch the model can take.
+
+    ``multiple``: height and width must be divisible by it (the total stride of
+    models that need it); ``min_size``: smallest height/width accepted.
+    """
+    shape = tuple(getattr(x, "shape", ()))
+    if len(shape) != 4:
+        raise ValueError(
+            f"expected a 4-D NHWC input (batch, height, width, {in_channels}), got shape {shape}"
+        )
+    B, H, W, C = shape
+    if C != in_channels:
+        hint = ""
+        if H == in_channels:
+            hint = " It looks like NCHW; transpose it with x.transpose(0, 2, 3, 1)."
+        raise ValueError(
+            f"expected {in_channels} channels in the last axis (NHWC), got shape {shape}.{hint}"
+        )
+    if H < min_size or W < min_size:
+        raise ValueError(f"input {H}x{W} is too small: height and width must be at least {min_size}")
+    if multiple > 1 and (H % multiple or W % multiple):
+        raise ValueError(
+            f"input height and width must be multiples of {multiple}, got {H}x{W}"
+        )

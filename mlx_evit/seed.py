@@ -1,0 +1,4 @@
+"""(being written)"""
+MODELS = ()
+EfficientViT = None
+output_size = None
