@@ -77,7 +77,9 @@ class SeedConfig:
 
     def __post_init__(self):
         # Normalise and validate every option; errors name the option and value.
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
+        def set_(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)  # the dataclass is frozen
+
         for name in ("image_size", "patch_size", "in_channels", "embed_dim"):
             set_(name, _positive_int(name, getattr(self, name)))
         set_("depths", _positive_int_list("depths", self.depths))
