@@ -6,7 +6,6 @@ the quadratic (n x n) form of the linear attention and a per-head loop over
 the cascade using the module's own weights.
 """
 
-import math
 import re
 import time
 
