@@ -81,15 +81,18 @@ def load_image(path: PathLike) -> Image.Image:
     The whole file is decoded here (so a truncated file fails now, not later),
     the EXIF orientation tag is applied, and the pixels go through
     :func:`to_rgb`. Images over ``PIL.Image.MAX_IMAGE_PIXELS`` are refused
-    (Pillow's decompression-bomb guard, its warning treated as an error).
+    (Pillow's decompression-bomb guard; Pillow only warns below twice the
+    limit, we refuse from the limit on).
     Raises :class:`ImageLoadError` for a missing, unreadable, non-image,
     corrupt or oversized file.
     """
     name = os.fspath(path)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Silences Pillow's bomb warning only; _check_pixel_limit decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(name) as img:
+                _check_pixel_limit(img)
                 img.load()
                 upright = ImageOps.exif_transpose(img)
                 return to_rgb(upright)
@@ -101,13 +104,22 @@ def load_image(path: PathLike) -> Image.Image:
         raise ImageLoadError(f"{name}: permission denied") from None
     except UnidentifiedImageError:
         raise ImageLoadError(f"{name}: not an image file Pillow can read") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise ImageLoadError(
             f"{name}: image too large to decode safely ({e}); "
             "raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"
         ) from None
     except _LOAD_ERRORS as e:
         raise ImageLoadError(f"{name}: cannot decode image ({_one_line(e)})") from None
+
+
+def _check_pixel_limit(img: Image.Image) -> None:
+    """Pillow's decompression-bomb limit as a hard error, whatever the warning filters say."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and img.width * img.height > limit:
+        raise Image.DecompressionBombError(
+            f"Image size ({img.width * img.height} pixels) exceeds limit of {limit} pixels"
+        )
 
 
 def _one_line(e: BaseException) -> str:
@@ -130,11 +142,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         return Image.fromarray(_deep_to_uint8(image), mode="L").convert("RGB")
+    if isinstance(image.info.get("transparency"), bytes):
+        # A per-entry palette alpha table: convert("RGB") ignores it for the
+        # colours but warns; drop it from a copy (alpha is dropped anyway).
+        image = image.copy()
+        del image.info["transparency"]
     try:
-        with warnings.catch_warnings():
-            # Pillow suggests RGBA for transparent palettes; we drop alpha on purpose.
-            warnings.filterwarnings("ignore", message="Palette images with Transparency")
-            return image.convert("RGB")
+        return image.convert("RGB")
     except ValueError as e:
         raise ValueError(f"cannot convert image mode {image.mode!r} to RGB ({e})") from None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -91,8 +92,10 @@ def _timm(cfg_id: str, image: Image.Image) -> np.ndarray:
 
 def _timm_loaded(path: Path) -> Image.Image:
     """The image the way timm's ImageDataset hands it to the transform."""
-    with Image.open(path) as img:
-        return img.convert("RGB")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's note on palette alpha tables
+        with Image.open(path) as img:
+            return img.convert("RGB")
 
 
 def _pattern(width: int, height: int, seed: int) -> np.ndarray:
@@ -121,6 +124,7 @@ def odd_images(tmp_path_factory) -> dict[str, Path]:
     save("bilevel-1.png", Image.fromarray(rgb[..., 1] > 127))
     palette = Image.fromarray(rgb).quantize(colors=37)
     save("palette-P.png", palette, transparency=3)
+    save("palette-alpha-P.png", palette, transparency=bytes(range(0, 256, 7)))
     rgba = np.concatenate([rgb, _pattern(61, 45, 4)[..., :1]], -1)
     save("rgba.png", Image.fromarray(rgba, mode="RGBA"))
     save("gray-alpha-LA.png", Image.fromarray(rgba[..., 1:3], mode="LA"))
@@ -156,6 +160,7 @@ ODD_NAMES = (
     "gray-L.png",
     "bilevel-1.png",
     "palette-P.png",
+    "palette-alpha-P.png",
     "rgba.png",
     "gray-alpha-LA.png",
     "cmyk.tiff",
@@ -171,6 +176,15 @@ def test_odd_sizes_and_modes_match_timm(odd_images, cfg_id, odd):
     expected = _timm(cfg_id, _timm_loaded(path))
     assert ours.shape == expected.shape
     assert np.abs(ours - expected).max() <= 1e-5
+
+
+def test_palette_alpha_table_loads_without_warning(odd_images):
+    path = odd_images["palette-alpha-P.png"]
+    with Image.open(path) as img:
+        assert img.mode == "P" and isinstance(img.info["transparency"], bytes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_image(path).mode == "RGB"
 
 
 def test_alpha_is_dropped_like_timm(odd_images):
