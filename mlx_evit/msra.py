@@ -143,7 +143,19 @@ def _sizes_with_windows(windows: tuple[int, ...], window_size: Sequence[int]) ->
 # ---------------------------------------------------------------------------
 
 
-def _bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
+def _cubic_taps(t: float, a: float = -0.75) -> tuple[float, float, float, float]:
+    """Keys cubic-convolution weights of the taps at distances ``1 + t, t, 1 - t, 2 - t`` (``0 <= t < 1``)."""
+
+    def near(x: float) -> float:  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x: float) -> float:  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return far(t + 1), near(t), near(1 - t), far(2 - t)
+
+
+def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
     """``(n_out, n_in)`` matrix of 1-D bicubic resampling, ``align_corners=False``.
 
     Same arithmetic as PyTorch's non-antialiased ``interpolate(mode="bicubic")``:
@@ -155,10 +167,7 @@ def _bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
     for o in range(n_out):
         src = (o + 0.5) * scale - 0.5
         i0 = math.floor(src)
-        t = src - i0
-        near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # |x| <= 1
-        far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # 1 < |x| < 2
-        for tap, w in zip(range(i0 - 1, i0 + 3), (far(t + 1), near(t), near(1 - t), far(2 - t))):
+        for tap, w in zip(range(i0 - 1, i0 + 3), _cubic_taps(src - i0)):
             m[o, min(max(tap, 0), n_in - 1)] += w
     return m
 

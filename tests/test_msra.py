@@ -342,3 +342,23 @@ def test_registry_entries():
     bn_stats = sum(v.size for k, v in tree_flatten(model.parameters()) if k.endswith(("running_mean", "running_var")))
     ref = timm.create_model("efficientvit_m5", img_size=288)
     assert n_params - bn_stats == sum(p.numel() for p in ref.parameters())
+
+
+def test_unfused_model_trains():
+    """Train mode: batch-statistics BatchNorm, gradients reach the attention biases and the q convs."""
+    import mlx.nn as nn
+
+    model = build_model("efficientvit_m0", num_classes=10)
+    model.train()
+    x = mx.array(_images(224))
+    y = mx.array([1, 7])
+
+    def loss_fn(m):
+        return nn.losses.cross_entropy(m(x), y).mean()
+
+    loss, grads = nn.value_and_grad(model, loss_fn)(model)
+    flat = dict(tree_flatten(grads))
+    for key in ("stages.0.blocks.0.mixer.m.attn.attention_biases", "stages.2.blocks.2.mixer.m.attn.dws.3.conv.weight",
+                "patch_embed.conv1.norm.weight", "head.linear.weight"):
+        assert np.abs(np.array(flat[key])).max() > 0, key
+    assert np.isfinite(loss.item())
