@@ -23,6 +23,7 @@ original layouts imply the original values when loaded through
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
@@ -261,7 +262,8 @@ class ClassifierHead(nn.Module):
 # Checkpoint layouts
 # ---------------------------------------------------------------------------
 
-_ORIGINAL_DEFAULTS = {"attention_eps": 1e-15, "head_norm_eps": None}
+# The original code's constants: LiteMLA eps 1e-15, head BatchNorm eps = norm eps.
+_ORIGINAL_DEFAULTS = MappingProxyType({"attention_eps": 1e-15, "head_norm_eps": None})
 
 # timm's keys are the MLX parameter paths.
 TIMM_LAYOUT = KeyMap(
@@ -305,6 +307,7 @@ ORIGINAL_LARGE_LAYOUT = KeyMap(
     ),
     defaults=_ORIGINAL_DEFAULTS,
 )
+
 
 # ---------------------------------------------------------------------------
 # Model
