@@ -11,6 +11,7 @@ All models take NHWC float32 images and return logits (or features).
 """
 
 from . import _blas  # noqa: F401  (must run before mlx.core is imported)
+from .convert import convert, load, save_model
 from .layers import fuse_modules
 from .registry import create_model, get_pretrained_cfg, list_models
 from .seed import EfficientViT, output_size
@@ -24,5 +25,8 @@ __all__ = [
     "list_models",
     "get_pretrained_cfg",
     "fuse_modules",
+    "load",
+    "convert",
+    "save_model",
     "__version__",
 ]
