@@ -183,7 +183,10 @@ class Classifier:
         try:
             net = load(weights, dtype=dtype, model=requested)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ClassifierError(f"cannot load weights {os.fspath(weights)}: {_one_line(e)}") from None
+            message = _one_line(e)
+            if os.fspath(weights) not in message:
+                message = f"{os.fspath(weights)}: {message}"
+            raise ClassifierError(f"cannot load weights: {message}") from None
         # A tag given by name selects its preprocessing, whatever the weights' config says.
         tagged = requested is not None and split_name(requested)[1] is not None
         preprocess = registry_cfg if tagged else None

@@ -14,11 +14,12 @@ Cache layout (root: ``$MLX_EVIT_CACHE``, else ``$HF_HOME/mlx_evit``)::
         refs/main                  commit the revision resolved to last time
         snapshots/<commit>/        converted MLX model directory
 
-Converted weights are keyed by the upstream commit: online, the revision is
-resolved on the Hub first (a HEAD request), so a new upstream commit is
-noticed and converted; offline (``HF_HUB_OFFLINE=1`` or no connection), the
-commit recorded in ``refs/`` is used, even when the Hub cache has been
-cleaned.
+Converted weights are keyed by the upstream commit. Online, the revision is
+resolved first with one HEAD request (no retries), so a new upstream commit
+is noticed and converted, and an unreachable Hub is noticed at once.
+Offline (``HF_HUB_OFFLINE=1``) or unreachable, the commit recorded in
+``refs/`` is used (even when the Hub cache has been cleaned), else the
+files the Hub cache holds are converted.
 """
 
 from __future__ import annotations
@@ -80,12 +81,11 @@ def pretrained_dir(
     the converted-weights cache (default :func:`cache_root`). ``endpoint``:
     the Hub URL (default ``HF_ENDPOINT``). ``offline``: never touch the
     network (as ``HF_HUB_OFFLINE=1``). ``log``: called with one-line status
-    messages (downloading, converting). Raises :class:`HubError` (offline
-    with nothing cached, unknown repository or revision, failed download or
-    conversion) and ``ValueError`` for an unknown model name.
+    messages (converting). Raises :class:`HubError` (offline or unreachable
+    with nothing cached, unknown repository, revision or file, failed
+    download or conversion) and ``ValueError`` for an unknown model name.
     """
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+    from huggingface_hub import constants
 
     repo_id = hub_repo_id(name)
     name = f"{split_name(name)[0]}.{get_pretrained_cfg(name).tag}"  # a bare architecture means its default tag
@@ -93,31 +93,125 @@ def pretrained_dir(
     store = store / ("models--" + repo_id.replace("/", "--"))
     ref = store / "refs" / urllib.parse.quote(revision, safe="")
     offline = offline or constants.HF_HUB_OFFLINE
+    hub = _Repo(repo_id, endpoint)
 
-    def download(filename: str, rev: str) -> Path:
-        with _hub_errors(repo_id, filename, rev):
-            return Path(hf_hub_download(repo_id, filename, revision=rev, endpoint=endpoint, local_files_only=offline))
-
-    try:
-        config = download(_CONFIG, revision)
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
-        # Offline or unreachable, and not in the Hub cache: our cache may still hold it.
+    unreachable = None
+    if not offline:
+        try:
+            commit = hub.resolve(revision)
+        except _Unreachable as e:
+            unreachable = str(e)
+    if offline or unreachable:
+        # No answer from the Hub: our conversion, else the Hub cache's files.
         cached = _cached_commit(store, ref)
         if cached is not None:
             return cached
-        raise HubError(_offline_message(name, repo_id, offline, endpoint or constants.ENDPOINT)) from None
-    commit = config.parent.name  # the Hub cache stores files under snapshots/<commit>/
+        config = hub.download(_CONFIG, revision, local_only=True)
+        weights = hub.download(_WEIGHTS, config.parent.name, local_only=True) if config else None
+        if weights is None:
+            why = "offline mode (HF_HUB_OFFLINE) is on" if offline else (
+                f"the Hub at {endpoint or constants.ENDPOINT} cannot be reached ({unreachable})")
+            raise HubError(
+                f"{name}: pretrained weights are not cached and {why}. Download them once with network access "
+                f"(`hf download {repo_id} {_WEIGHTS} {_CONFIG}`), or give a local checkpoint or converted "
+                f"MLX directory (--weights PATH)"
+            )
+        commit = config.parent.name
     converted = store / "snapshots" / commit
     if not _is_model_dir(converted):
-        try:
-            weights = download(_WEIGHTS, commit)
-        except (LocalEntryNotFoundError, OfflineModeIsEnabled):
-            raise HubError(_offline_message(name, repo_id, offline, endpoint or constants.ENDPOINT)) from None
-        if log is not None:
-            log(f"converting {repo_id}@{commit[:12]} to MLX in {converted}")
-        _convert(name, weights.parent, converted)
+        # The revision may have moved since resolve(): the config's snapshot names the commit.
+        config = hub.download(_CONFIG, revision if not (offline or unreachable) else commit)
+        commit = config.parent.name
+        converted = store / "snapshots" / commit
+        if not _is_model_dir(converted):
+            weights = hub.download(_WEIGHTS, commit)
+            if log is not None:
+                log(f"converting {repo_id}@{commit[:12]} to MLX in {converted}")
+            _convert(name, weights.parent, converted)
     _write_ref(ref, commit)
     return converted
+
+
+class _Unreachable(Exception):
+    """The Hub gave no usable answer (no connection, timeout, server error)."""
+
+
+class _Repo:
+    """One Hub repository, through huggingface_hub (its cache, endpoint and retries)."""
+
+    def __init__(self, repo_id: str, endpoint: Optional[str]):
+        self.repo_id, self.endpoint = repo_id, endpoint
+
+    def resolve(self, revision: str) -> str:
+        """The commit ``revision`` points at, from one HEAD request without retries.
+
+        Raises :class:`_Unreachable` when the Hub does not answer (so the
+        caller can fall back to the caches at once) and :class:`HubError`
+        for a definite answer such as an unknown repository.
+        """
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+        url = hf_hub_url(self.repo_id, _CONFIG, revision=revision, endpoint=self.endpoint)
+        try:
+            commit = get_hf_file_metadata(url).commit_hash
+        except Exception as e:
+            message = self._definite(e, _CONFIG, revision)
+            if message is None:
+                raise _Unreachable(_one_line(e)) from None
+            raise HubError(message) from None
+        if not commit:
+            raise HubError(f"{url}: the answer has no X-Repo-Commit header; is HF_ENDPOINT a Hugging Face Hub?")
+        return commit
+
+    def download(self, filename: str, revision: str, local_only: bool = False) -> Optional[Path]:
+        """Path of ``filename`` in the Hub cache, downloaded if needed.
+
+        ``local_only``: look in the cache only; ``None`` if it is not there.
+        """
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return Path(hf_hub_download(
+                self.repo_id, filename, revision=revision, endpoint=self.endpoint, local_files_only=local_only
+            ))
+        except LocalEntryNotFoundError as e:
+            if local_only:
+                return None
+            raise HubError(f"{self._where(filename, revision)}: download failed ({_one_line(e)})") from None
+        except Exception as e:  # huggingface_hub's HTTP client errors are not all OSErrors
+            message = self._definite(e, filename, revision)
+            if message is None:
+                message = f"{self._where(filename, revision)}: download failed ({type(e).__name__}: {_one_line(e)})"
+            raise HubError(message) from None
+
+    def _where(self, filename: str, revision: str) -> str:
+        return f"{self.repo_id}/{filename} (revision {revision})"
+
+    def _definite(self, error: BaseException, filename: str, revision: str) -> Optional[str]:
+        """A message for answers that retrying will not change; ``None`` for the others."""
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            GatedRepoError,
+            HfHubHTTPError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        where = self._where(filename, revision)
+        if isinstance(error, GatedRepoError):
+            return f"{where}: the repository is gated; log in with `hf auth login` after accepting its terms"
+        if isinstance(error, RepositoryNotFoundError):
+            return f"{where}: no such repository on the Hub (or it is private)"
+        if isinstance(error, RevisionNotFoundError):
+            return f"{where}: no such revision in the repository"
+        if isinstance(error, EntryNotFoundError):
+            return f"{where}: the repository has no such file"
+        if isinstance(error, HfHubHTTPError):
+            status = getattr(getattr(error, "response", None), "status_code", None)
+            if status is not None and 400 <= status < 500 and status not in (408, 429):
+                return f"{where}: the Hub answered HTTP {status}"
+        return None
 
 
 def _cached_commit(store: Path, ref: Path) -> Optional[Path]:
@@ -158,61 +252,6 @@ def _write_ref(ref: Path, commit: str) -> None:
         os.replace(tmp, ref)
     except (OSError, UnicodeDecodeError):
         pass
-
-
-class _hub_errors:
-    """Turns huggingface_hub's online errors into one-line :class:`HubError` messages.
-
-    Offline errors (``LocalEntryNotFoundError``, ``OfflineModeIsEnabled``)
-    pass through: the caller falls back to the cache.
-    """
-
-    def __init__(self, repo_id: str, filename: str, revision: str):
-        self.where = f"{repo_id}/{filename} (revision {revision})"
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, error, tb) -> bool:
-        if error is None:
-            return False
-        from huggingface_hub.errors import (
-            EntryNotFoundError,
-            GatedRepoError,
-            HfHubHTTPError,
-            LocalEntryNotFoundError,
-            OfflineModeIsEnabled,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
-
-        if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
-            return False
-        if isinstance(error, GatedRepoError):
-            message = f"{self.where}: the repository is gated; log in with `hf auth login` after accepting its terms"
-        elif isinstance(error, RepositoryNotFoundError):
-            message = f"{self.where}: no such repository on the Hub (or it is private)"
-        elif isinstance(error, RevisionNotFoundError):
-            message = f"{self.where}: no such revision in the repository"
-        elif isinstance(error, EntryNotFoundError):
-            message = f"{self.where}: the repository has no such file"
-        elif isinstance(error, HfHubHTTPError):
-            status = getattr(getattr(error, "response", None), "status_code", None)
-            message = f"{self.where}: the Hub answered HTTP {status}"
-        elif isinstance(error, (OSError, ValueError)):
-            message = f"{self.where}: download failed ({_one_line(error)})"
-        else:
-            return False
-        raise HubError(message) from None
-
-
-def _offline_message(name: str, repo_id: str, offline: bool, endpoint: str) -> str:
-    why = "offline mode (HF_HUB_OFFLINE) is on" if offline else f"the Hub at {endpoint} cannot be reached"
-    return (
-        f"{name}: pretrained weights are not cached and {why}. Download them once with network access "
-        f"(`hf download {repo_id} {_WEIGHTS} {_CONFIG}`), or give a local checkpoint or converted "
-        f"MLX directory (--weights PATH)"
-    )
 
 
 def _one_line(e: BaseException) -> str:

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlx_evit  # noqa: F401  (before mlx.core: BLAS preload)
@@ -78,7 +79,8 @@ def test_cli_downloads_once_then_runs_from_cache(default_repo, tmp_path):
 
         sha = __import__("hashlib").sha256(files["model.safetensors"]).hexdigest()
         assert hub.routes("hub") == [
-            ("HEAD", f"/{repo_id}/resolve/main/config.json"),
+            ("HEAD", f"/{repo_id}/resolve/main/config.json"),  # which commit is main?
+            ("HEAD", f"/{repo_id}/resolve/main/config.json"),  # hf_hub_download
             ("GET", f"/{repo_id}/resolve/main/config.json"),
             ("HEAD", f"/{repo_id}/resolve/{commit}/model.safetensors"),
         ]
@@ -165,11 +167,20 @@ def test_new_revision_is_noticed_and_offline_finds_the_cache(hub, b0_versions, t
     assert (cache / f"models--timm--{B0}" / "refs" / "main").read_text() == new
 
     hub.stop()
+    started = time.perf_counter()
+    assert pretrained_dir(B0, cache_dir=cache, endpoint=hub.endpoint) == second  # unreachable: our cache
     assert pretrained_dir(B0, cache_dir=cache, endpoint=hub.endpoint, offline=True) == second
+    # our cache empty, the Hub cache full: converted from there
+    other = pretrained_dir(B0, cache_dir=tmp_path / "other", endpoint=hub.endpoint, offline=True)
+    assert other == tmp_path / "other" / f"models--timm--{B0}" / "snapshots" / new
+    np.testing.assert_array_equal(_weights(other), _weights(second))
     shutil.rmtree(constants.HF_HUB_CACHE)  # Hub cache cleaned: our own ref still finds the conversion
     assert pretrained_dir(B0, cache_dir=cache, endpoint=hub.endpoint, offline=True) == second
     with pytest.raises(HubError, match="not cached and offline mode"):
-        pretrained_dir(B0, cache_dir=tmp_path / "other", endpoint=hub.endpoint, offline=True)
+        pretrained_dir(B0, cache_dir=tmp_path / "empty", endpoint=hub.endpoint, offline=True)
+    with pytest.raises(HubError, match=f"not cached and the Hub at {hub.endpoint} cannot be reached"):
+        pretrained_dir(B0, cache_dir=tmp_path / "empty", endpoint=hub.endpoint)
+    assert time.perf_counter() - started < 10, "an unreachable Hub must not be retried for long"
 
 
 def test_hub_errors_are_named(hub, b0_versions, tmp_path):
