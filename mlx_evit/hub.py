@@ -102,7 +102,7 @@ def pretrained_dir(
         except _Unreachable as e:
             unreachable = str(e)
     if offline or unreachable:
-        # No answer from the Hub: our conversion, else the Hub cache's files.
+        # No answer from the Hub: our conversion, else the files in the Hub cache.
         cached = _cached_commit(store, ref)
         if cached is not None:
             return cached
@@ -116,18 +116,20 @@ def pretrained_dir(
                 f"(`hf download {repo_id} {_WEIGHTS} {_CONFIG}`), or give a local checkpoint or converted "
                 f"MLX directory (--weights PATH)"
             )
-        commit = config.parent.name
+    else:
+        converted = store / "snapshots" / commit
+        if _is_model_dir(converted):
+            _write_ref(ref, commit)
+            return converted
+        config = hub.download(_CONFIG, revision)
+        # The revision may have moved since resolve(): the config's snapshot names the commit.
+        weights = hub.download(_WEIGHTS, config.parent.name)
+    commit = config.parent.name  # the Hub cache keeps files under snapshots/<commit>/
     converted = store / "snapshots" / commit
     if not _is_model_dir(converted):
-        # The revision may have moved since resolve(): the config's snapshot names the commit.
-        config = hub.download(_CONFIG, revision if not (offline or unreachable) else commit)
-        commit = config.parent.name
-        converted = store / "snapshots" / commit
-        if not _is_model_dir(converted):
-            weights = hub.download(_WEIGHTS, commit)
-            if log is not None:
-                log(f"converting {repo_id}@{commit[:12]} to MLX in {converted}")
-            _convert(name, weights.parent, converted)
+        if log is not None:
+            log(f"converting {repo_id}@{commit[:12]} to MLX in {converted}")
+        _convert(name, weights.parent, converted)
     _write_ref(ref, commit)
     return converted
 

@@ -67,7 +67,7 @@ class FakeHub:
 
     def start(self) -> "FakeHub":
         for server in (self._hub, self._cdn):
-            thread = threading.Thread(target=server.serve_forever, daemon=True)
+            thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
             thread.start()
             self._threads.append(thread)
         return self

@@ -236,6 +236,21 @@ def test_labels_file_for_a_fine_tuned_model(ten_class, capsys, tmp_path):
     assert "5 labels" in err and "10 classes" in err and len(err.strip().splitlines()) == 1
 
 
+def test_labels_from_the_model_config_or_generic(ten_class, capsys, tmp_path):
+    from mlx_evit.convert import load, save_model
+
+    weights, expected = ten_class
+    top = int(np.argmax(expected[0]))
+    names = [f"breed {i}" for i in range(10)]
+    folder = save_model(load(weights, model="efficientvit_m0", fuse=False), tmp_path / "named", labels=names)
+    for source, label in ((folder, names[top]), (weights, f"class {top}")):
+        args = [str(PHOTOS[0]), "--weights", str(source), "--model", "efficientvit_m0", "-k", "1", "-f", "jsonl"]
+        code, out, err = _run_cli("inprocess", args, capsys)
+        assert code == 0, err
+        assert json.loads(out)["top_k"][0] == {"index": top, "label": label, "wnid": None,
+                                               "score": pytest.approx(expected[0][top], abs=PROB_ATOL)}
+
+
 # ---------------------------------------------------------------- bad inputs
 
 
@@ -385,7 +400,7 @@ def test_library_api(b0):
 
 def test_half_precision_dtypes(b0):
     reference = Classifier.load(weights=b0)
-    pixels = np.stack([reference.transform(p) for p in PHOTOS])
+    pixels = np.stack([reference.transform(p) for p in PHOTOS[:1]])
     expected = reference.probabilities(pixels)
     for dtype, name in (("float16", mx.float16), ("bfloat16", mx.bfloat16)):
         clf = Classifier.load(weights=b0, dtype=dtype)
