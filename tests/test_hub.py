@@ -9,6 +9,7 @@ variable at import) or the ``endpoint`` argument (library, in-process).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -77,7 +78,7 @@ def test_cli_downloads_once_then_runs_from_cache(default_repo, tmp_path):
         np.testing.assert_allclose([p["score"] for p in record["top_k"]], expected[order], atol=1e-4)
         assert "converting" in first.stderr
 
-        sha = __import__("hashlib").sha256(files["model.safetensors"]).hexdigest()
+        sha = hashlib.sha256(files["model.safetensors"]).hexdigest()
         assert hub.routes("hub") == [
             ("HEAD", f"/{repo_id}/resolve/main/config.json"),  # which commit is main?
             ("HEAD", f"/{repo_id}/resolve/main/config.json"),  # hf_hub_download
