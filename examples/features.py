@@ -31,9 +31,12 @@ GAP, CAPTION = 8, 18  # pixels between panels, and below them for the captions
 def pca_rgb(features: np.ndarray) -> np.ndarray:
     """``(h, w, C)`` features -> ``(h, w, 3)`` uint8: the top three principal components as R, G, B.
 
-    Each component is stretched so that its 1st..99th percentiles span
-    0..255 (clipped outside). Missing components (fewer than 3 channels or
-    pixels) stay 0.
+    The mean feature is mid-grey, and all three components share one scale
+    (the first component's 99th percentile of magnitude reaches 0 or 255;
+    values beyond are clipped), so colour distances follow feature
+    distances and a weak component stays faint instead of being stretched
+    into noise. Missing components (fewer than 3 channels or pixels) stay
+    grey.
     """
     h, w, c = features.shape
     x = features.reshape(h * w, c).astype(np.float64)
@@ -42,9 +45,9 @@ def pca_rgb(features: np.ndarray) -> np.ndarray:
     k = min(3, vt.shape[0])
     components = np.zeros((h * w, 3))
     components[:, :k] = x @ vt[:k].T
-    lo, hi = np.percentile(components, [1, 99], axis=0)
-    scaled = np.clip((components - lo) / np.maximum(hi - lo, 1e-12), 0.0, 1.0)
-    return np.round(scaled * 255).astype(np.uint8).reshape(h, w, 3)
+    scale = max(np.percentile(np.abs(components[:, 0]), 99), 1e-12)
+    rgb = np.clip(0.5 + 0.5 * components / scale, 0.0, 1.0)
+    return np.round(rgb * 255).astype(np.uint8).reshape(h, w, 3)
 
 
 def feature_panels(model, image: Image.Image, cfg: dict) -> tuple[np.ndarray, list[np.ndarray]]:
