@@ -44,7 +44,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .layers import ConvNorm, bn_scale_shift, check_image_input, fuse_modules, relu
+from .layers import ConvNorm, bn_scale_shift, check_image_input, fuse_modules, relu, sigmoid, softmax
 from .registry import ModelEntry, PretrainedCfg
 from .weights import KeyMap
 
@@ -222,7 +222,7 @@ class SqueezeExcite(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         s = self.fc2(relu(self.fc1(x.mean(axis=(1, 2)))))
-        return x * mx.sigmoid(s)[:, None, None, :]
+        return x * sigmoid(s)[:, None, None, :]
 
 
 def _se_channels(channels: int, ratio: float = 0.25, divisor: int = 8) -> int:
@@ -314,7 +314,7 @@ class CascadedGroupAttention(nn.Module):
             k = t[..., kd : 2 * kd].reshape(B, n, kd).astype(mx.float32)
             v = t[..., 2 * kd :].reshape(B, n, d).astype(mx.float32)
             logits = mx.addmm(bias[i], q, k.swapaxes(1, 2), alpha=self.scale)
-            attn = mx.softmax(logits, axis=-1)
+            attn = softmax(logits, axis=-1)
             feat = (attn @ v).astype(x.dtype).reshape(B, H, W, d)
             outs.append(feat)
         y = mx.concatenate(outs, axis=-1) if len(outs) > 1 else outs[0]
