@@ -2,9 +2,11 @@
 
     DATA_DIR/cat/001.jpg, DATA_DIR/cat/002.jpg, ..., DATA_DIR/dog/001.jpg, ...
 
-From pretrained weights (the classifier is replaced for the new classes):
+From pretrained weights, a tag's (downloaded from the Hub) or a local checkpoint / MLX directory;
+the classifier is replaced for the new classes:
 
-    python examples/finetune.py DATA_DIR --output my_model --model efficientvit_b0 --weights B0_DIR [--head-only]
+    python examples/finetune.py DATA_DIR --output my_model --model efficientvit_b0.r224_in1k
+    python examples/finetune.py DATA_DIR --output my_model --weights B0_DIR --head-only
 
 A small seed model (``EfficientViT.build``) from scratch:
 
@@ -64,9 +66,9 @@ Sample = tuple[Path, int]  # (image file, class index)
 
 
 def find_images(data_dir: Path) -> tuple[list[Sample], list[str]]:
-    """Image files under ``data_dir/<class>/`` and the sorted class names."""
+    """Image files under ``data_dir/<class>/`` and the sorted class names (``ValueError`` if too few)."""
     if not data_dir.is_dir():
-        sys.exit(f"error: {data_dir}: not a directory")
+        raise ValueError(f"{data_dir}: not a directory")
     classes = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     samples = [
         (path, index)
@@ -76,8 +78,8 @@ def find_images(data_dir: Path) -> tuple[list[Sample], list[str]]:
     ]
     counts = np.bincount([label for _, label in samples], minlength=len(classes))
     if len(classes) < 2 or counts.min() < 2:
-        sys.exit(
-            f"error: {data_dir}: need at least 2 class subfolders with at least 2 images each "
+        raise ValueError(
+            f"{data_dir}: need at least 2 class subfolders with at least 2 images each "
             f"(found {dict(zip(classes, counts.tolist()))})"
         )
     return samples, classes
@@ -97,13 +99,13 @@ def split(samples: list[Sample], val_fraction: float, rng: np.random.Generator) 
 
 def random_resized_crop(
     image: Image.Image,
-    size: int,
+    size: tuple[int, int],
     rng: np.random.Generator,
     scale: tuple[float, float] = (0.25, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     resample: Image.Resampling = Image.Resampling.BICUBIC,
 ) -> Image.Image:
-    """Crop a random area fraction in ``scale`` with aspect ratio in ``ratio``; resize to ``size x size``.
+    """Crop a random area fraction in ``scale`` with aspect ratio in ``ratio``; resize to ``size`` (W, H).
 
     After 10 rejected draws (a crop that does not fit), the whole image,
     centre-cropped to the nearest allowed aspect ratio, is used.
@@ -120,7 +122,7 @@ def random_resized_crop(
         aspect = min(max(width / height, ratio[0]), ratio[1])
         w, h = (width, round(width / aspect)) if width / height <= aspect else (round(height * aspect), height)
         left, top = (width - w) // 2, (height - h) // 2
-    return image.resize((size, size), resample, box=(left, top, left + w, top + h))
+    return image.resize(size, resample, box=(left, top, left + w, top + h))
 
 
 def normalize(pixels: np.ndarray, cfg: dict) -> np.ndarray:
@@ -132,15 +134,15 @@ def normalize(pixels: np.ndarray, cfg: dict) -> np.ndarray:
 def train_batches(
     samples: list[Sample], cfg: dict, batch_size: int, rng: np.random.Generator
 ) -> Iterator[tuple[mx.array, mx.array]]:
-    """One epoch of augmented batches ``(B, S, S, 3)``, labels ``(B,)``; the last partial batch is dropped."""
-    size = cfg["input_size"][-1]
+    """One epoch of augmented batches ``(B, H, W, 3)``, labels ``(B,)``; the last partial batch is dropped."""
+    height, width = cfg["input_size"][-2:]
     resample = INTERPOLATIONS[cfg.get("interpolation", "bicubic")]
     order = rng.permutation(len(samples))
     for start in range(0, len(order) - batch_size + 1, batch_size):
         images, labels = [], []
         for i in order[start : start + batch_size]:
             path, label = samples[i]
-            crop = np.asarray(random_resized_crop(load_image(path), size, rng, resample=resample))
+            crop = np.asarray(random_resized_crop(load_image(path), (width, height), rng, resample=resample))
             images.append(crop[:, ::-1] if rng.random() < 0.5 else crop)  # horizontal flip
             labels.append(label)
         yield mx.array(normalize(np.stack(images), cfg)), mx.array(labels)
@@ -173,7 +175,10 @@ def build_model(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, 
     size = args.image_size
     if args.model == "seed":
         size = size or 224
-        arch = dict(SEED_ARCH, image_size=size, patch_size=min(16, size // 8) or 1)
+        patch = max(1, min(16, size // 8))  # at least an 8x8 grid of tokens
+        if size % patch:
+            raise ValueError(f"--image-size {size}: the seed model needs a multiple of its patch size {patch}")
+        arch = dict(SEED_ARCH, image_size=size, patch_size=patch)
         model = mlx_evit.create_model("efficientvit_seed", num_classes=num_classes, **arch)
         return model, dict(DEFAULT_CFG, input_size=(3, size, size))
     weights = args.weights
@@ -186,7 +191,7 @@ def build_model(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, 
     else:
         base = mlx_evit.load(weights, fuse=False, model=args.model)
         name, arch, cfg = base.arch_name, dict(base.arch_args), base.pretrained_cfg or {}
-    if size and "img_size" in arch:  # M series: the attention windows follow the image size
+    if size and arch.get("img_size", size) != size:  # M series: the attention windows follow the image size
         arch["img_size"] = size
         if base is not None:  # reload, resizing the checkpoint's attention bias tables
             base = mlx_evit.create_model(name, pretrained=weights, img_size=size)
@@ -315,12 +320,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     rng = np.random.default_rng(args.seed)
     mx.random.seed(args.seed)
-    samples, classes = find_images(args.data_dir)
-    train_set, val_set = split(samples, args.val_fraction, rng)
     try:
+        samples, classes = find_images(args.data_dir)
         model, cfg = build_model(args, len(classes))
-    except (OSError, ValueError, HubError) as e:
+    except (OSError, ValueError, HubError) as e:  # bad folder, weights or name; Hub unreachable
         sys.exit(f"error: {e}")
+    train_set, val_set = split(samples, args.val_fraction, rng)
     print(f"{model.arch_name}: {len(classes)} classes, {len(train_set)} training / {len(val_set)} validation "
           f"images at {cfg['input_size'][-1]} px", file=sys.stderr)
     start = time.perf_counter()
