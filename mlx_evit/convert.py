@@ -24,6 +24,7 @@ and :func:`main` (the CLI).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import mlx.core as mx
@@ -117,17 +119,14 @@ class _Fit:
     missing: tuple[str, ...] = ()
     unexpected: tuple[str, ...] = ()
     mismatched: tuple[str, ...] = ()
+    state: Optional[Mapping[str, np.ndarray]] = field(default=None, compare=False, repr=False)  # renamed
 
     @property
     def exact(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched)
 
     def describe(self) -> str:
-        parts = [f"{self.layout.name} layout"]
-        for label, items in (("missing", self.missing), ("unexpected", self.unexpected),
-                             ("wrong shape", self.mismatched)):
-            if items:
-                parts.append(f"{len(items)} {label} (e.g. {items[0]})")
+        parts = [f"{self.layout.name} layout", *_mismatch_parts(self.missing, self.unexpected, self.mismatched)]
         return f"{self.arch} ({', '.join(parts)}; {self.matched}/{self.expected} parameters match)"
 
 
@@ -136,7 +135,6 @@ class _Source:
     """A checkpoint turned into an unfused float32 model, plus what went into config.json."""
 
     model: nn.Module
-    name: str
     layout: str
     info: CheckpointInfo
     labels: Optional[list[str]] = None
@@ -153,20 +151,25 @@ def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
 
 
-def _one_line(text: str, limit: int = 400) -> str:
+def _one_line(text: str, limit: int = 1200) -> str:
     line = " ".join(str(text).split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _mismatch_parts(missing: Sequence[str], unexpected: Sequence[str], mismatched: Sequence[str]) -> list[str]:
+    """``["2 missing (e.g. key)", ...]``: counts with the first example of each kind."""
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+        if items:
+            parts.append(f"{len(items)} {label} (e.g. {items[0]})")
+    return parts
 
 
 def _describe_error(e: BaseException) -> str:
     """One-line message for any error (a CheckpointMismatchError's key lists become counts)."""
     if isinstance(e, CheckpointMismatchError) and (e.missing or e.unexpected or e.mismatched):
         head = str(e).splitlines()[0].rstrip(":")
-        parts = []
-        for label, items in (("missing", e.missing), ("unexpected", e.unexpected), ("wrong shape", e.mismatched)):
-            if items:
-                parts.append(f"{len(items)} {label} (e.g. {items[0]})")
-        return _one_line(f"{head}: {'; '.join(parts)}")
+        return _one_line(f"{head}: {'; '.join(_mismatch_parts(e.missing, e.unexpected, e.mismatched))}")
     return _one_line(str(e) or type(e).__name__)
 
 
@@ -277,54 +280,101 @@ def is_model_dir(path: PathLike) -> bool:
 
 def _candidates() -> list[str]:
     """Architectures that declare checkpoint layouts (the ones a checkpoint can be detected as)."""
-    return [name for name in list_models() if getattr(get_entry(name).builder, "checkpoint_layouts", None)]
+    return [name for name in list_models() if _layouts(name)]
+
+
+def _layouts(arch: str) -> tuple[KeyMap, ...]:
+    return tuple(getattr(get_entry(arch).builder, "checkpoint_layouts", None) or ())
 
 
 # ---------------------------------------------------------------------------
 # Detection
 # ---------------------------------------------------------------------------
 
+# Keys already renamed to MLX paths pass through unchanged.
+_RENAMED = KeyMap(name="renamed", marker="", drop=())
 
-def _infer_num_classes(arch: str, params: Mapping[str, np.ndarray], model: nn.Module) -> Optional[int]:
-    """Classifier width implied by a mapped checkpoint (0 when it has no classifier).
 
-    The classifier parameters are those a headless build (``num_classes=0``)
-    lacks; their leading axis is the class count.
-    """
-    full = _shapes(model)
+@functools.lru_cache(maxsize=None)
+def _reference(arch: str, num_classes: Optional[int]) -> tuple[Mapping[str, tuple[int, ...]], Optional[int]]:
+    """(parameter shapes, num_classes) of a registry build (memoised: building models is what
+    detection costs, and a registered architecture's shapes never change)."""
+    model = build_model(arch, num_classes=num_classes)
+    return MappingProxyType(_shapes(model)), getattr(model, "num_classes", None)
+
+
+def _reference_shapes(arch: str, num_classes: Optional[int]) -> Mapping[str, tuple[int, ...]]:
+    return _reference(arch, num_classes)[0]
+
+
+def _head_keys(arch: str) -> frozenset[str]:
+    """Classifier parameters: those a headless build (``num_classes=0``) lacks or shapes differently."""
+    full = _reference_shapes(arch, None)
     try:
-        headless = _shapes(build_model(arch, num_classes=0))
+        headless = _reference_shapes(arch, 0)
     except (TypeError, ValueError):
-        return model.num_classes
-    head = [k for k in full if headless.get(k) != full[k]]
-    rows = [k for k in head if full[k] and full[k][0] == model.num_classes]
+        return frozenset()
+    return frozenset(k for k in full if headless.get(k) != full[k])
+
+
+def _layout_for(arch: str, keys: Sequence[str]) -> Optional[KeyMap]:
+    """The layout of ``arch`` the keys follow, or None if they follow none of its layouts."""
+    layouts = _layouts(arch)
+    if not layouts or max(layout.matches(keys) for layout in layouts) == 0:
+        return None
+    return select_layout(keys, layouts)
+
+
+def _rename(tensors: Mapping[str, np.ndarray], layout: KeyMap) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(state keyed by MLX path, MLX path -> source key) under ``layout``."""
+    state: dict[str, np.ndarray] = {}
+    origin: dict[str, str] = {}
+    for src, value in tensors.items():
+        dst = layout.target(src)
+        if dst is None:
+            continue
+        if dst in origin:
+            raise CheckpointMismatchError(f"checkpoint keys {origin[dst]!r} and {src!r} both map to parameter {dst!r}")
+        state[dst] = value
+        origin[dst] = src
+    return state, origin
+
+
+def _infer_num_classes(arch: str, params: Mapping[str, np.ndarray]) -> Optional[int]:
+    """Classifier width implied by a renamed checkpoint (0 when it has no classifier).
+
+    The leading axis of the classifier parameters is the class count.
+    """
+    full, default = _reference(arch, None)
+    head = _head_keys(arch)
     if head and not any(k in params for k in head):
         return 0
+    rows = [k for k in head if full[k] and full[k][0] == default]
     sizes = {int(params[k].shape[0]) for k in rows if k in params and params[k].ndim >= 1}
-    return sizes.pop() if len(sizes) == 1 else model.num_classes
+    return sizes.pop() if len(sizes) == 1 else default
 
 
 def _fit(arch: str, tensors: Mapping[str, np.ndarray], num_classes: Optional[int] = None,
-         overrides: Optional[Mapping[str, Any]] = None) -> Optional[_Fit]:
+         overrides: Optional[Mapping[str, Any]] = None,
+         renamed: Optional[tuple[KeyMap, dict, dict]] = None) -> Optional[_Fit]:
     """Compare ``tensors`` with ``arch`` by key and shape; None if no layout of it matches.
 
     ``num_classes`` None: taken from the checkpoint's classifier.
+    ``renamed``: ``(layout, state, origin)`` from :func:`_rename`, if known.
     """
+    if renamed is None:
+        layout = _layout_for(arch, list(tensors))
+        if layout is None:
+            return None
+        renamed = (layout, *_rename(tensors, layout))
+    layout, state, origin = renamed
     overrides = dict(overrides or {})
+    if num_classes is None:
+        num_classes = _infer_num_classes(arch, state)
     model = build_model(arch, num_classes=num_classes, **overrides)
-    layouts = getattr(model, "checkpoint_layouts", ())
-    keys = list(tensors)
-    if not layouts or max(layout.matches(keys) for layout in layouts) == 0:
-        return None
-    layout = select_layout(keys, layouts)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # adapt_checkpoint's notices belong to the real load
-        params, origin = map_state_dict(model, tensors, layout)
-        if num_classes is None:
-            inferred = _infer_num_classes(arch, params, model)
-            if inferred != model.num_classes:
-                model = build_model(arch, num_classes=inferred, **overrides)
-                params, origin = map_state_dict(model, tensors, layout)
+        params, _ = map_state_dict(model, state, _RENAMED)
         adapt = getattr(model, "adapt_checkpoint", None)
         if adapt is not None:
             try:
@@ -332,18 +382,18 @@ def _fit(arch: str, tensors: Mapping[str, np.ndarray], num_classes: Optional[int
             except Exception:  # a malformed tensor; the strict load reports it properly
                 pass
     expected = _shapes(model)
-    missing = tuple(sorted(k for k in expected if k not in params))
+    missing = tuple(k for k in expected if k not in params)  # in model order
     unexpected = tuple(sorted(origin.get(k, k) for k in params if k not in expected))
     mismatched = tuple(
-        f"{origin.get(k, k)} {tuple(v.shape)} vs {expected[k]}"
-        for k, v in params.items() if k in expected and tuple(v.shape) != expected[k]
+        f"{origin.get(k, k)} {tuple(params[k].shape)} vs {shape}"
+        for k, shape in expected.items() if k in params and tuple(params[k].shape) != shape
     )
     matched = sum(1 for k, v in params.items() if expected.get(k) == tuple(v.shape))
-    return _Fit(arch, layout, model.num_classes, len(expected), matched, missing, unexpected, mismatched)
+    return _Fit(arch, layout, model.num_classes, len(expected), matched, missing, unexpected, mismatched, state)
 
 
-def _config_architecture(info: CheckpointInfo) -> Optional[str]:
-    config = info.config or {}
+def _config_architecture(info: Optional[CheckpointInfo]) -> Optional[str]:
+    config = (info.config if info is not None else None) or {}
     arch = config.get("architecture")
     return arch if isinstance(arch, str) and arch else None
 
@@ -351,7 +401,7 @@ def _config_architecture(info: CheckpointInfo) -> Optional[str]:
 def _detect(tensors: Mapping[str, np.ndarray], info: Optional[CheckpointInfo]) -> _Fit:
     source = info.path if info is not None else "checkpoint"
     supported = _candidates()
-    named = _config_architecture(info) if info is not None else None
+    named = _config_architecture(info)
     if named is not None:
         arch = split_name(named)[0]
         if arch not in supported:
@@ -364,23 +414,40 @@ def _detect(tensors: Mapping[str, np.ndarray], info: Optional[CheckpointInfo]) -
             detail = fit.describe() if fit is not None else "no known key layout"
             raise ConversionError(f"{source}: weights do not fit {arch} named by {info.config_path}: {detail}")
         return fit
-    fits = [f for f in (_fit(arch, tensors) for arch in supported) if f is not None]
-    exact = [f for f in fits if f.exact]
+    keys = list(tensors)
+    family = [(arch, layout) for arch in supported if (layout := _layout_for(arch, keys)) is not None]
+    if not family:
+        sample = ", ".join(keys[:4]) or "none"
+        raise ConversionError(
+            f"unknown network: {source}: its keys (first: {sample}) match no supported EfficientViT layout; "
+            f"candidates: {', '.join(supported)}"
+        )
+    renamed: dict[int, tuple[KeyMap, dict, dict]] = {}  # id(layout) -> (layout, state, origin)
+    for _, layout in family:
+        if id(layout) not in renamed:
+            renamed[id(layout)] = (layout, *_rename(tensors, layout))
+
+    def plausible(arch: str, layout: KeyMap) -> bool:
+        """Cheap pre-check: every non-classifier parameter of ``arch`` is named by the checkpoint."""
+        state = renamed[id(layout)][1]
+        head = _head_keys(arch)
+        return all(k in state for k in _reference_shapes(arch, None) if k not in head)
+
+    fits = [_fit(arch, tensors, renamed=renamed[id(layout)]) for arch, layout in family if plausible(arch, layout)]
+    exact = [f for f in fits if f is not None and f.exact]
     if len(exact) == 1:
         return exact[0]
     if len(exact) > 1:
         names = ", ".join(f.arch for f in exact)
         raise ConversionError(f"ambiguous checkpoint {source}: it fits {names}; choose one with --model NAME")
-    if not fits:
-        sample = ", ".join(list(tensors)[:4]) or "none"
-        raise ConversionError(
-            f"unknown network: {source}: its keys (first: {sample}) match no supported EfficientViT layout; "
-            f"candidates: {', '.join(supported)}"
-        )
-    fits.sort(key=lambda f: f.matched / max(f.expected, len(tensors)), reverse=True)
+    fits = [_fit(arch, tensors, renamed=renamed[id(layout)]) for arch, layout in family]  # for the report
+    score = {id(f): f.matched / max(f.expected, len(tensors)) for f in fits}
+    fits.sort(key=lambda f: score[id(f)], reverse=True)
     closest = "; ".join(f.describe() for f in fits[:2])
+    # Most parameters in place: a damaged or modified checkpoint of a known model, not another network.
+    prefix = "" if score[id(fits[0])] >= 0.5 else "unknown network: "
     raise ConversionError(
-        f"unknown network: {source} fits no supported model exactly; closest: {closest}; "
+        f"{prefix}{source} fits no supported model exactly; closest: {closest}; "
         f"candidates: {', '.join(supported)}"
     )
 
@@ -398,7 +465,7 @@ def _verify(name: str, tensors: Mapping[str, np.ndarray], info: CheckpointInfo,
         return fit
     hint = ""
     try:
-        other = _detect(tensors, info)
+        other = _detect(tensors, None)
         if other.arch != arch:
             hint = f"; it looks like {other.arch}"
     except ConversionError:
@@ -487,12 +554,13 @@ def _from_checkpoint(
     full_name = f"{arch}.{tag}" if tag else arch
     args = {k: v for k, v in fit.layout.defaults.items() if k not in overrides}
     args.update(overrides)
-    if log:
-        log(f"model {full_name} ({fit.layout.name} layout, {fit.num_classes} classes)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = build_model(full_name, num_classes=fit.num_classes, **args)
-        load_state_dict(model, tensors, layout=fit.layout, source=str(path))
+        try:  # keys already renamed by the fit
+            load_state_dict(model, fit.state, layout=_RENAMED, source=str(path))
+        except CheckpointMismatchError:  # overrides that change shapes: report with the file's keys
+            load_state_dict(model, tensors, layout=fit.layout, source=str(path))
     for w in caught:  # pass them on (create_model callers see them as usual)
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     labels = _apply_timm_config(model, info, tagged=tag is not None) if info.config else None
@@ -500,7 +568,10 @@ def _from_checkpoint(
         model.pretrained_cfg = dict(model.pretrained_cfg, num_classes=model.num_classes)
     model.labels = labels
     model.eval()
-    return _Source(model, full_name, fit.layout.name, info, labels, tuple(str(w.message) for w in caught))
+    if log:
+        log(f"model {_registry_name(arch, model.pretrained_cfg)} ({fit.layout.name} layout, "
+            f"{fit.num_classes} classes)")
+    return _Source(model, fit.layout.name, info, labels, tuple(str(w.message) for w in caught))
 
 
 def _assign(model: nn.Module, params: dict[str, np.ndarray], source: str) -> None:
@@ -509,13 +580,15 @@ def _assign(model: nn.Module, params: dict[str, np.ndarray], source: str) -> Non
     if adapt is not None:
         params = adapt(params)
     expected = _shapes(model)
-    missing = sorted(k for k in expected if k not in params)
+    missing = [k for k in expected if k not in params]
     unexpected = sorted(k for k in params if k not in expected)
-    mismatched = [f"{k}: file {tuple(v.shape)} vs model {expected[k]}"
-                  for k, v in params.items() if k in expected and tuple(v.shape) != expected[k]]
+    mismatched = [f"{k} {tuple(params[k].shape)} vs {shape}"
+                  for k, shape in expected.items() if k in params and tuple(params[k].shape) != shape]
     if missing or unexpected or mismatched:
+        details = "; ".join(_mismatch_parts(missing, unexpected, mismatched))
         raise CheckpointMismatchError(
-            f"{source} does not fit {model.arch_name} built from its config.json:", missing, unexpected, mismatched
+            f"{source} does not fit {model.arch_name} built from its config.json: {details}",
+            missing, unexpected, mismatched,
         )
     model.update(tree_unflatten([(k, mx.array(np.ascontiguousarray(v))) for k, v in params.items()]))
 
@@ -569,8 +642,7 @@ def _from_model_dir(
     labels = config.get("labels")
     model.labels = list(labels) if isinstance(labels, list) and all(isinstance(s, str) for s in labels) else None
     model.eval()
-    full = config.get("model") if isinstance(config.get("model"), str) else arch
-    return _Source(model, full, "mlx", info, model.labels, tuple(str(w.message) for w in caught))
+    return _Source(model, "mlx", info, model.labels, tuple(str(w.message) for w in caught))
 
 
 def _open(path: PathLike, name: Optional[str] = None, num_classes: Optional[int] = None,
