@@ -167,8 +167,9 @@ def _mismatch_parts(missing: Sequence[str], unexpected: Sequence[str], mismatche
 
 def _describe_error(e: BaseException) -> str:
     """One-line message for any error (a CheckpointMismatchError's key lists become counts)."""
-    if isinstance(e, CheckpointMismatchError) and (e.missing or e.unexpected or e.mismatched):
-        head = str(e).splitlines()[0].rstrip(":")
+    lines = str(e).splitlines()
+    if isinstance(e, CheckpointMismatchError) and len(lines) > 1 and (e.missing or e.unexpected or e.mismatched):
+        head = lines[0].rstrip(":")  # load_state_dict's multi-line key listing, summarised
         return _one_line(f"{head}: {'; '.join(_mismatch_parts(e.missing, e.unexpected, e.mismatched))}")
     return _one_line(str(e) or type(e).__name__)
 
@@ -523,9 +524,11 @@ def _apply_timm_config(model: nn.Module, info: CheckpointInfo, tagged: bool) -> 
             if key in cfg and isinstance(cfg[key], (list, float, int, str)):
                 updated[key] = cfg[key]
         model.pretrained_cfg = updated
-    labels = config.get("label_names")
-    if (isinstance(labels, list) and all(isinstance(s, str) for s in labels)
-            and len(labels) == (model.num_classes or 0)):
+    labels = config.get("label_names")  # a list, or {"0": name, ...} (timm allows both)
+    n = model.num_classes or 0
+    if isinstance(labels, dict) and set(labels) == {str(i) for i in range(n)}:
+        labels = [labels[str(i)] for i in range(n)]
+    if isinstance(labels, list) and len(labels) == n and all(isinstance(s, str) for s in labels):
         return labels
     return None
 

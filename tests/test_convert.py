@@ -37,7 +37,8 @@ from timm.models import save_for_hf  # noqa: E402
 from torch_utils import randomize_, torch_forward  # noqa: E402
 
 from mlx_evit import convert, create_model, load, save_model
-from mlx_evit.checkpoint import read_checkpoint
+from mlx_evit.checkpoint import CheckpointError, read_checkpoint
+from mlx_evit.weights import CheckpointMismatchError
 from mlx_evit.convert import ConversionError, cast_model, detect_model, is_model_dir, main
 from mlx_evit.registry import build_model, list_models
 from mlx.utils import tree_flatten
@@ -266,8 +267,13 @@ def test_classifier_width_comes_from_the_checkpoint(name, num_classes, size, tmp
     result = convert(path, tmp_path / "out")
     assert result.num_classes == num_classes
     model = load(tmp_path / "out")
-    assert model.pretrained_cfg["num_classes"] == num_classes
+    assert model.pretrained_cfg["num_classes"] == num_classes and model.labels is None
     np.testing.assert_allclose(_logits(model, x), torch_forward(tm, x), **TOL)
+    if num_classes:  # class names from timm's config.json travel with the weights
+        names = [f"class {i}" for i in range(num_classes)]
+        save_for_hf(tm, str(tmp_path / "hub"), model_config={"label_names": names})
+        assert convert(tmp_path / "hub", tmp_path / "named").num_classes == num_classes
+        assert load(tmp_path / "named").labels == names
 
 
 def test_model_option_verifies_the_checkpoint(b0, tmp_path, capsys):
@@ -419,6 +425,13 @@ def test_newer_format_and_broken_config_are_refused(b0, tmp_path):
     (out / "config.json").write_text(json.dumps(dict(config, arch_args=dict(config["arch_args"], widths=[8, 16]))))
     with pytest.raises(ConversionError, match="arch_args do not build efficientvit_b0"):
         load(out)
+    (out / "config.json").write_text(json.dumps(dict(config, arch_args=dict(config["arch_args"], num_classes=10))))
+    with pytest.raises(CheckpointMismatchError, match=r"does not fit efficientvit_b0 built from its config.json: "
+                                                      r"2 wrong shape \(e.g. head.classifier.4.weight \(1000, 1280\)"):
+        load(out)
+    (out / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
+        load(out)  # not recognised as ours: read as a Hub folder, whose reader refuses the config
 
 
 # ---------------------------------------------------------------------------
