@@ -40,12 +40,13 @@ PROB_ATOL = 1e-4
 
 # ---------------------------------------------------------------- parity with timm
 
-# name, checkpoint kind, how the CLI is run, whether --model is passed
+# name, seed, checkpoint kind, how the CLI is run, whether --model is passed. The seeds give top-5
+# probabilities at least 5e-4 apart (asserted below), so the order is decided by the model, not by rounding.
 PARITY_CASES = {
-    "b0-timm-folder": ("efficientvit_b0.r224_in1k", "timm-folder", "module", False),
-    "m0-pth": ("efficientvit_m0.r224_in1k", "pth", "script", True),
-    "b1r256-mlx-dir": ("efficientvit_b1.r256_in1k", "mlx-dir", "inprocess", False),
-    "m4-safetensors": ("efficientvit_m4.r224_in1k", "safetensors", "inprocess", True),
+    "b0-timm-folder": ("efficientvit_b0.r224_in1k", 1, "timm-folder", "module", False),
+    "m0-pth": ("efficientvit_m0.r224_in1k", 1, "pth", "script", True),
+    "b1r256-mlx-dir": ("efficientvit_b1.r256_in1k", 0, "mlx-dir", "inprocess", False),
+    "m4-safetensors": ("efficientvit_m4.r224_in1k", 2, "safetensors", "inprocess", True),
 }
 
 
@@ -56,7 +57,7 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, np.ndarray]]:
 
     root = tmp_path_factory.mktemp("checkpoints")
     out = {}
-    for seed, (case, (name, kind, _, _)) in enumerate(PARITY_CASES.items()):
+    for case, (name, seed, kind, _, _) in PARITY_CASES.items():
         model = peaked_timm_model(name, seed)
         probs = timm_probs(model)
         if kind == "timm-folder":
@@ -91,7 +92,7 @@ def _run_cli(how: str, args: list[str], capsys=None) -> tuple[int, str, str]:
 def test_top5_matches_timm_pipeline(case, checkpoints, capsys):
     from timm.data import ImageNetInfo
 
-    name, _, how, pass_model = PARITY_CASES[case]
+    name, _, _, how, pass_model = PARITY_CASES[case]
     weights, expected = checkpoints[case]
     args = [*map(str, PHOTOS), "--weights", str(weights), "--format", "json", "--top-k", str(TOP_K)]
     if pass_model:
@@ -103,8 +104,9 @@ def test_top5_matches_timm_pipeline(case, checkpoints, capsys):
     info = ImageNetInfo()
     for record, probs in zip(records, expected):
         assert record["model"] == name
-        order = np.argsort(-probs)[:TOP_K]
-        assert probs[order[0]] > 0.05, "head scaling should make the top class stand out"
+        order = np.argsort(-probs)[:TOP_K + 1]
+        assert np.diff(-probs[order]).min() > 5 * PROB_ATOL, "test setup: near-ties make the top-5 order arbitrary"
+        order = order[:TOP_K]
         assert [p["index"] for p in record["top_k"]] == order.tolist()
         got = np.array([p["score"] for p in record["top_k"]])
         np.testing.assert_allclose(got, probs[order], rtol=0, atol=PROB_ATOL)
@@ -214,10 +216,11 @@ def test_labels_file_for_a_fine_tuned_model(ten_class, capsys, tmp_path):
     (record,) = json.loads(out)
     assert len(record["top_k"]) == 10  # capped at the number of classes
     order = np.argsort(-expected[0])
-    assert [p["index"] for p in record["top_k"]] == order.tolist()
-    assert [p["label"] for p in record["top_k"]] == [names[i] for i in order]
+    indices = [p["index"] for p in record["top_k"]]
+    assert indices[:3] == order[:3].tolist() and sorted(indices) == list(range(10))  # the tail has near-ties
+    assert [p["label"] for p in record["top_k"]] == [names[i] for i in indices]
     assert all(p["wnid"] is None for p in record["top_k"])
-    np.testing.assert_allclose([p["score"] for p in record["top_k"]], expected[0][order], atol=PROB_ATOL)
+    np.testing.assert_allclose([p["score"] for p in record["top_k"]], expected[0][indices], atol=PROB_ATOL)
 
     as_json = tmp_path / "classes.json"
     as_json.write_text(json.dumps([{"name": n, "wnid": f"w{i}"} for i, n in enumerate(names)]))
@@ -387,7 +390,7 @@ def test_library_api(b0):
     assert [r.file for r in streamed] == [str(p) for p in PHOTOS]
     for a, b in zip(direct, streamed):
         assert [p.index for p in a] == [p.index for p in b.top_k]
-        np.testing.assert_allclose([p.score for p in a], [p.score for p in b.top_k], atol=1e-6)
+        np.testing.assert_allclose([p.score for p in a], [p.score for p in b.top_k], atol=1e-5)  # other batching
     probs = clf.probabilities(np.stack([clf.transform(im) for im in images]))
     assert probs.shape == (len(PHOTOS), 1000) and probs.dtype == np.float32
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
@@ -397,14 +400,29 @@ def test_library_api(b0):
         Classifier(clf.model, labels=["a", "b", "c"])
 
 
-def test_half_precision_dtypes(b0):
-    reference = Classifier.load(weights=b0)
+@pytest.fixture(scope="module")
+def plain_b0(tmp_path_factory) -> Path:
+    """B0 with random weights and random BatchNorm statistics only (well conditioned, unlike the peaked models)."""
+    import timm
+    from torch_utils import randomize_
+
+    model = randomize_(timm.create_model("efficientvit_b0.r224_in1k", pretrained=False), 3)
+    return save_timm_folder(model, tmp_path_factory.mktemp("plain") / "b0")
+
+
+def test_half_precision_dtypes(plain_b0):
+    """--dtype runs the model in half precision; log-probabilities stay within 0.05 of float32's.
+
+    (Their spread over the classes is ~0.37 for this model, so a wrong cast cannot pass.)
+    """
+    reference = Classifier.load(weights=plain_b0)
     pixels = np.stack([reference.transform(p) for p in PHOTOS[:1]])
-    expected = reference.probabilities(pixels)
+    expected = np.log(reference.probabilities(pixels))
+    assert expected.std() > 0.2
     for dtype, name in (("float16", mx.float16), ("bfloat16", mx.bfloat16)):
-        clf = Classifier.load(weights=b0, dtype=dtype)
+        clf = Classifier.load(weights=plain_b0, dtype=dtype)
         assert clf.dtype == name
         got = clf.probabilities(pixels)
         assert got.dtype == np.float32
-        np.testing.assert_allclose(got, expected, atol=0.03)
-        assert (got.argmax(-1) == expected.argmax(-1)).all()
+        np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
+        assert np.abs(np.log(got) - expected).max() < 0.05

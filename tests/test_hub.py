@@ -73,7 +73,9 @@ def test_cli_downloads_once_then_runs_from_cache(default_repo, tmp_path):
         assert first.returncode == 0, first.stderr
         (record,) = json.loads(first.stdout)
         assert record["model"] == DEFAULT_MODEL  # no --model: the default
-        order = np.argsort(-expected)[:5]
+        order = np.argsort(-expected)[:6]
+        assert np.diff(-expected[order]).min() > 5e-4, "test setup: near-ties make the top-5 order arbitrary"
+        order = order[:5]
         assert [p["index"] for p in record["top_k"]] == order.tolist()
         np.testing.assert_allclose([p["score"] for p in record["top_k"]], expected[order], atol=1e-4)
         assert "converting" in first.stderr
