@@ -362,7 +362,7 @@ def _read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str],
             raise CheckpointError(f"{path}: safetensors header is not a JSON object")
         data_start = 8 + n
         data_len = size - data_start
-        metadata = header.pop("__metadata__", {})
+        metadata = header.pop("__metadata__", None) or {}  # MLX writes null when there is none
         if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
         ):

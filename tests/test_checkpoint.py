@@ -525,3 +525,15 @@ def test_reads_with_torch_unavailable(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]]"
+
+
+def test_safetensors_written_by_mlx_without_metadata(tmp_path):
+    """``mx.save_safetensors`` without metadata writes ``"__metadata__": null``."""
+    import mlx_evit  # noqa: F401  (BLAS preload before mlx.core)
+    import mlx.core as mx
+
+    path = tmp_path / "plain.safetensors"
+    mx.save_safetensors(str(path), {"w": mx.arange(6, dtype=mx.float32).reshape(2, 3)})
+    got, info = read_checkpoint(path)
+    np.testing.assert_array_equal(got["w"], np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert info.metadata == {}
