@@ -191,10 +191,17 @@ class DepthwiseConv2d(nn.Module):
     """k x k convolution with ``groups == channels`` and symmetric ``k // 2`` padding.
 
     Weight ``(C, k, k, 1)`` as for ``nn.Conv2d(groups=C)``. On the GPU this
-    calls MLX's grouped conv (dedicated depthwise kernel); elsewhere it sums
-    ``k * k`` shifted, per-channel-scaled views of the padded input, which is
-    exact and much faster than the CPU backend's naive grouped-conv loop.
+    calls MLX's grouped conv (dedicated depthwise kernel). The CPU backend
+    runs grouped convolutions as a naive scalar loop, so elsewhere the
+    convolution is written with other ops, exactly: small maps as one
+    strided ``(B, Ho, Wo, k, k, C)`` view of the padded input, scaled and
+    summed over the taps (a handful of graph nodes); large maps as a sum of
+    ``k * k`` shifted, per-channel-scaled views, which ``mx.compile`` fuses
+    into one pass without materialising the ``k * k`` copies.
     """
+
+    # Above this many tap products (B * Ho * Wo * C * k * k) the shifted sum is faster on the CPU.
+    STRIDED_VIEW_MAX = 4_000_000
 
     def __init__(self, channels: int, kernel_size: int, stride: int = 1, bias: bool = False):
         super().__init__()
@@ -217,13 +224,19 @@ class DepthwiseConv2d(nn.Module):
             B, H, W, C = x.shape
             Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
             xp = mx.pad(x, [(0, 0), (p, p), (p, p), (0, 0)])
-            w = self.weight.reshape(C, k * k).T  # (k*k, C)
-            y = None
-            for i in range(k):
-                for j in range(k):
-                    tap = xp[:, i : i + s * (Ho - 1) + 1 : s, j : j + s * (Wo - 1) + 1 : s, :]
-                    term = tap * w[i * k + j]
-                    y = term if y is None else y + term
+            if B * Ho * Wo * C * k * k <= self.STRIDED_VIEW_MAX:
+                Hp, Wp = H + 2 * p, W + 2 * p
+                taps = mx.as_strided(xp, (B, Ho, Wo, k, k, C), (Hp * Wp * C, s * Wp * C, s * C, Wp * C, C, 1))
+                y = (taps * self.weight.reshape(C, k, k).transpose(1, 2, 0)).sum(axis=(3, 4))
+            else:
+                # One split into k*k per-tap weight rows (views), not k*k gathers.
+                w = mx.split(self.weight.reshape(C, k * k).T, k * k, axis=0)  # k*k x (1, C)
+                y = None
+                for i in range(k):
+                    for j in range(k):
+                        tap = xp[:, i : i + s * (Ho - 1) + 1 : s, j : j + s * (Wo - 1) + 1 : s, :]
+                        term = tap * w[i * k + j]
+                        y = term if y is None else y + term
         if "bias" in self:
             y = y + self.bias
         return y

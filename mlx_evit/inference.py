@@ -1,0 +1,213 @@
+"""The default inference path: a model prepared once, then called like a function.
+
+:func:`prepare` turns any family's model into a :class:`Predictor`:
+
+1. eval mode, BatchNorms folded into the convolutions (``model.fuse()``);
+2. optionally half precision (``dtype``; attention cores stay float32) and
+   weight quantization of the ``nn.Linear`` layers (``quantize`` = 4 or 8
+   bits; pointwise convolutions are ``nn.Linear`` here, so they are covered);
+3. parameters evaluated;
+4. the forward pass wrapped in ``mx.compile`` (elementwise chains such as
+   bias + activation + residual, or the shifted multiply-adds of the CPU
+   depthwise convolution, become single fused kernels).
+
+The compiled function takes the model's state as an explicit input
+(``mx.compile(..., inputs=model.state)``), so weights loaded or changed after
+:func:`prepare` are used, not stale copies. MLX retraces on every new input
+shape, dtype and default device, so one predictor serves several resolutions
+and follows ``mx.set_default_device``; the backend-specific formulations in
+:mod:`mlx_evit.layers` (native grouped convolutions on the GPU, shifted
+multiply-adds and batched matmuls on the CPU) are chosen at trace time.
+
+On the CPU backend two more things matter. Fusion needs a C++ compiler
+(``g++``) at run time: without one, MLX's compile silently fuses nothing,
+so the predictor runs eagerly instead (``predictor.compiled`` says which).
+And MLX runs each CPU stream's non-BLAS work on one thread, so a batch is
+split across ``streams`` CPU streams (default: up to 2) that run
+concurrently; every image is computed exactly as it would be alone.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+__all__ = ["Predictor", "prepare", "quantizable", "cpu_compile_available"]
+
+DTypeLike = Union[None, str, mx.Dtype]
+
+_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+QUANT_BITS = (4, 8)
+
+
+def cpu_compile_available() -> bool:
+    """True when MLX's CPU backend can JIT-compile fused kernels (it shells out to ``g++``)."""
+    return shutil.which("g++") is not None
+
+
+def _resolve_dtype(dtype: DTypeLike) -> mx.Dtype:
+    if dtype is None:
+        return mx.float32
+    if isinstance(dtype, mx.Dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+    elif isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+
+
+def quantizable(group_size: int):
+    """``nn.quantize`` predicate: every ``nn.Linear`` whose input width is a multiple of ``group_size``.
+
+    Narrower layers (e.g. the 8- and 16-channel pointwise convolutions of
+    EfficientViT-B0's stem) stay in floating point.
+    """
+
+    def predicate(path: str, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear) and module.weight.shape[-1] % group_size == 0
+
+    return predicate
+
+
+def _is_fused(model: nn.Module) -> bool:
+    return not any(isinstance(m, nn.BatchNorm) for _, m in model.named_modules())
+
+
+class Predictor:
+    """A prepared model: ``predictor(x)`` -> float32 outputs ``(B, num_classes)`` (or features).
+
+    ``x``: ``(B, H, W, C)`` NHWC images (``mx.array`` or numpy), normalized;
+    cast to the predictor's ``dtype``. Build it with :func:`prepare`.
+    Attributes: ``model`` (the prepared module, fused, in eval mode),
+    ``dtype``, ``bits`` (``None`` or the quantization bits), ``compiled``
+    (whether the forward pass is fused on the current device) and
+    ``streams`` (CPU streams a batch is split across).
+    """
+
+    def __init__(self, model: nn.Module, dtype: mx.Dtype, bits: Optional[int], compile: bool, streams: int):
+        self.model = model
+        self.dtype = dtype
+        self.bits = bits
+        self._want_compile = compile
+        self.streams = streams
+        self._cpu_streams: list = []
+        self._forward = self._build_forward() if compile else model
+
+    def _build_forward(self):
+        model = self.model
+
+        def forward(x: mx.array) -> mx.array:
+            return model(x)
+
+        return mx.compile(forward, inputs=model.state)
+
+    @property
+    def compiled(self) -> bool:
+        """True when calls run through ``mx.compile`` with kernel fusion on the current device."""
+        if not self._want_compile:
+            return False
+        return mx.default_device().type == mx.DeviceType.gpu or cpu_compile_available()
+
+    def _run(self, x: mx.array) -> mx.array:
+        fn = self._forward if self.compiled else self.model
+        return fn(x)
+
+    def __call__(self, x) -> mx.array:
+        if self.model.training:
+            raise RuntimeError(
+                "the model was switched to training mode after prepare(); call model.eval() "
+                "(or prepare() again) before predicting"
+            )
+        if not isinstance(x, mx.array):
+            x = mx.array(x)
+        if mx.issubdtype(x.dtype, mx.floating) and x.dtype != self.dtype:
+            x = x.astype(self.dtype)
+        n = self._split_count(x)
+        if n <= 1:
+            return self._run(x).astype(mx.float32)
+        # Data parallel over CPU streams: each stream has its own worker thread.
+        if len(self._cpu_streams) < n:
+            self._cpu_streams += [mx.new_stream(mx.cpu) for _ in range(n - len(self._cpu_streams))]
+        bounds = [round(i * x.shape[0] / n) for i in range(n + 1)]
+        outs = []
+        for stream, lo, hi in zip(self._cpu_streams, bounds[:-1], bounds[1:]):
+            with mx.stream(stream):
+                outs.append(self._run(x[lo:hi]))
+        return mx.concatenate(outs, axis=0).astype(mx.float32)
+
+    def _split_count(self, x: mx.array) -> int:
+        if self.streams <= 1 or x.ndim != 4 or x.shape[0] < 2:
+            return 1
+        if mx.default_device().type != mx.DeviceType.cpu:
+            return 1
+        return min(self.streams, x.shape[0])
+
+    def __repr__(self) -> str:
+        name = getattr(self.model, "arch_name", type(self.model).__name__)
+        bits = f", bits={self.bits}" if self.bits else ""
+        return f"Predictor({name}, dtype={self.dtype}{bits}, compiled={self.compiled}, streams={self.streams})"
+
+
+def _default_streams() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def prepare(
+    model: nn.Module,
+    *,
+    compile: bool = True,
+    dtype: DTypeLike = None,
+    quantize: Optional[int] = None,
+    group_size: int = 64,
+    streams: Optional[int] = None,
+) -> Predictor:
+    """Prepare ``model`` for fast inference; returns a :class:`Predictor`.
+
+    The model is modified in place: eval mode, BatchNorms folded (if not
+    already), optionally cast to ``dtype`` (``"float16"``/``"bfloat16"``;
+    weights and activations, attention cores in float32) and its
+    ``nn.Linear`` layers quantized to ``quantize`` bits (4 or 8, affine,
+    groups of ``group_size`` input channels; layers narrower than a group
+    stay in floating point). ``compile=False`` keeps the eager forward (for
+    debugging). ``streams``: CPU streams a batch is split across (default
+    ``min(2, cpu_count)``; 1 disables splitting; the GPU never splits).
+
+    Half precision is for the GPU: the MLX CPU backend has no fast float16
+    or bfloat16 arithmetic and runs them several times slower than float32.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prepare() expects an mlx.nn.Module, got {type(model).__name__}")
+    target = _resolve_dtype(dtype)
+    if quantize is not None and quantize not in QUANT_BITS:
+        raise ValueError(f"quantize must be None or one of {QUANT_BITS} bits, got {quantize!r}")
+    if group_size not in (32, 64, 128):
+        raise ValueError(f"group_size must be 32, 64 or 128, got {group_size!r}")
+    if streams is None:
+        streams = _default_streams()
+    if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
+        raise ValueError(f"streams must be a positive integer, got {streams!r}")
+
+    fuse = getattr(model, "fuse", None)
+    if not callable(fuse) and not _is_fused(model):
+        raise ValueError(f"{type(model).__name__} has BatchNorm layers but no fuse() method")
+    model.eval()
+    if callable(fuse):
+        fuse()  # idempotent: folds BatchNorms once, refreshes inference caches
+    if target != mx.float32:
+        model.set_dtype(target)
+    if quantize is not None:
+        nn.quantize(model, group_size=group_size, bits=quantize, class_predicate=quantizable(group_size))
+    if callable(fuse) and (target != mx.float32 or quantize is not None):
+        fuse()  # caches derived from parameters (e.g. gathered attention biases) follow the new ones
+    mx.eval(model.parameters())
+    return Predictor(model, target, quantize, compile, streams)
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters (quantized weights count their packed size, scales and biases)."""
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
