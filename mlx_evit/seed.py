@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from .layers import DepthwiseConv2d, check_image_input, elu_plus_one, gelu, linear_attention
+from .layers import Conv2d, DepthwiseConv2d, check_image_input, elu_plus_one, gelu, linear_attention
 from .registry import ModelEntry
 
 __all__ = [
@@ -237,7 +237,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, in_channels: int, dim: int, patch_size: int):
         super().__init__()
-        self.proj = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
+        self.proj = Conv2d(in_channels, dim, patch_size, stride=patch_size)
         self.norm = nn.LayerNorm(dim)
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -255,7 +255,7 @@ class Downsample(nn.Module):
     def __init__(self, dim: int, out_dim: int):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.conv = nn.Conv2d(dim, out_dim, 3, stride=2, padding=1)
+        self.conv = Conv2d(dim, out_dim, 3, stride=2, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.conv(self.norm(x))
