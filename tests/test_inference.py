@@ -123,6 +123,46 @@ def test_batch_split_over_streams_gives_each_image_alone():
     np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
 
 
+def test_batch_split_shares_the_blas_threads_and_restores_them():
+    calls = []
+
+    class FakeBLAS:
+        threads = 2
+
+        def get(self):
+            return self.threads
+
+        def set(self, n):
+            calls.append(n)
+            self.threads = n
+
+    predictor = prepare(_model("efficientvit_b0", {}), streams=2)
+    predictor._blas = FakeBLAS()
+    predictor(_images(4, 64))
+    assert calls == [1, 2] and predictor._blas.threads == 2
+    calls.clear()
+    predictor(_images(1, 64))  # one image: no split, BLAS untouched
+    assert calls == []
+    real = inference._OpenBLASThreads.open()
+    if real is not None:  # the real OpenBLAS ends where it started
+        before = real.get()
+        prepare(_model("efficientvit_b0", {}), streams=2)(_images(2, 64))
+        assert real.get() == before
+
+
+def test_buffer_cache_limit_is_raised_never_lowered():
+    original = mx.set_cache_limit(32 << 20)  # MLX's CPU default
+    try:
+        prepare(build_model("efficientvit_b0"))
+        assert mx.set_cache_limit(8 << 30) == inference.CACHE_LIMIT  # raised to 1 GiB
+        prepare(build_model("efficientvit_b0"))
+        assert mx.set_cache_limit(32 << 20) == 8 << 30  # a larger limit is kept
+        prepare(build_model("efficientvit_b0"), cache_limit=None)
+        assert mx.set_cache_limit(32 << 20) == 32 << 20  # None: left alone
+    finally:
+        mx.set_cache_limit(original)
+
+
 def test_weights_changed_after_prepare_are_used():
     """The compiled forward takes the model state as input: no stale, baked-in weights."""
     model = _model("efficientvit_b0", {})
@@ -180,6 +220,7 @@ def test_without_a_cpu_compiler_runs_eagerly(monkeypatch):
         (dict(quantize=8, group_size=48), "group_size must be 32, 64 or 128"),
         (dict(streams=0), "streams must be a positive integer"),
         (dict(streams=True), "streams must be a positive integer"),
+        (dict(cache_limit=-1), "cache_limit must be None or a number of bytes"),
     ],
 )
 def test_bad_options_raise(kwargs, message):
