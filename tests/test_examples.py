@@ -27,7 +27,6 @@ import pytest
 from PIL import Image
 
 import mlx_evit  # before mlx.core
-from mlx_evit import _blas
 from mlx_evit.classify import Classifier
 from mlx_evit.labels import imagenet_labels
 from mlx_evit.preprocess import eval_transform, load_image
@@ -59,15 +58,17 @@ def load_example(name: str) -> ModuleType:
     return module
 
 
-def readme_demo_commands() -> list[list[str]]:
-    """The commands of the README's offline block, ``pip`` lines left out (the test extras have them)."""
+def readme_commands(heading: str) -> list[list[str]]:
+    """The ``python ...`` commands of the bash block under ``heading`` in the README, without ``python``.
+
+    Other lines may only be ``pip install`` lines (the test extras have what they install) or comments.
+    """
     text = README.read_text(encoding="utf-8")
-    block = re.search(re.escape(DEMO_HEADING) + r".*?```bash\n(.*?)```", text, re.S)
-    assert block, f"{README}: no bash block under {DEMO_HEADING!r}"
-    commands = [shlex.split(line, comments=True) for line in block.group(1).splitlines()]
-    commands = [c for c in commands if c and c[0] != "pip"]
-    assert all(c[0] == "python" for c in commands), commands
-    return [c[1:] for c in commands]
+    block = re.search(re.escape(heading) + r"\n.*?```bash\n(.*?)```", text, re.S)
+    assert block, f"{README}: no bash block under {heading!r}"
+    lines = [line for line in block.group(1).splitlines() if line.strip() and not line.startswith("#")]
+    assert all(line.startswith(("python ", "pip ")) for line in lines), lines
+    return [shlex.split(line, comments=True)[1:] for line in lines if line.startswith("python ")]
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -79,7 +80,7 @@ def demo(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]
     cwd = tmp_path_factory.mktemp("demo")
     (cwd / "examples").symlink_to(EXAMPLES, target_is_directory=True)
     results = {}
-    for args in readme_demo_commands():
+    for args in readme_commands(DEMO_HEADING):
         script = args[1] if args[0] == "-m" else Path(args[0]).name
         results[script] = run(args, cwd=cwd)
     return cwd, results
@@ -153,13 +154,6 @@ def test_readme_demo_other_examples_use_the_finetuned_model(demo):
 
 
 # ------------------------------------------------------------------------------------------ README, Hub weights
-
-
-def readme_commands(heading: str) -> list[list[str]]:
-    """The ``python examples/...`` commands of the bash block under ``heading``, without the ``python``."""
-    text = README.read_text(encoding="utf-8")
-    block = re.search(re.escape(heading) + r"\n.*?```bash\n(.*?)```", text, re.S).group(1)
-    return [shlex.split(line, comments=True)[1:] for line in block.splitlines() if line.startswith("python ")]
 
 
 @pytest.fixture(scope="module")
@@ -352,14 +346,18 @@ def test_readme_cpp_program_runs_the_exported_model(demo, tmp_path):
     subprocess.run(shlex.split(build.replace("$MLX", str(_mlx_dir()))), cwd=tmp_path, check=True, timeout=300)
     images = np.random.default_rng(0).standard_normal((1, 32, 32, 3)).astype(np.float32)
     np.save(tmp_path / "images.npy", images)
-    model_file = cwd / "digits_model.mlxfn"
-    # The same BLAS as this process (mlx_evit preloads OpenBLAS on Linux), so that results are identical.
-    env = dict(os.environ, LD_PRELOAD=_blas.LOADED) if _blas.LOADED else None
-    proc = subprocess.run([str(tmp_path / "run"), str(model_file), "images.npy", "logits.npy"],
+    # The reference logits come from a fresh Python process, whose BLAS is known (mlx_evit preloads the
+    # system OpenBLAS on Linux; this test process may have imported mlx or torch first), and the C++
+    # program runs with that same BLAS, so that the results must be identical.
+    reference = ("import sys, numpy as np, mlx_evit, mlx_evit._blas as b, mlx.core as mx\n"
+                 "np.save('expected.npy', np.array(mlx_evit.load(sys.argv[1])(mx.array(np.load('images.npy')))))\n"
+                 "print(b.LOADED or '')")
+    blas = run(["-c", reference, str(cwd / "digits_model")], cwd=tmp_path).stdout.strip()
+    env = dict(os.environ, LD_PRELOAD=blas) if blas else dict(os.environ)
+    proc = subprocess.run([str(tmp_path / "run"), str(cwd / "digits_model.mlxfn"), "images.npy", "logits.npy"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120, check=True, env=env)
     assert json.loads(proc.stdout.splitlines()[0])["labels"] == ["one", "two", "zero"]
-    expected = mlx_evit.load(cwd / "digits_model")(mx.array(images))
-    assert np.array_equal(np.load(tmp_path / "logits.npy"), np.array(expected))
+    assert np.array_equal(np.load(tmp_path / "logits.npy"), np.load(tmp_path / "expected.npy"))
 
 
 # ------------------------------------------------------------------------------------------ finetune.py
