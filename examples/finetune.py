@@ -334,8 +334,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except ImageLoadError as e:
         sys.exit(f"error: {e}")
     model.pretrained_cfg = cfg
-    mlx_evit.save_model(model, args.output, labels=classes, force=args.force)
-    print(f"validation accuracy {accuracy:.3f} ({args.epochs} epochs, {time.perf_counter() - start:.0f} s); "
+    source = {"finetuned_from": args.weights or args.model, "data": str(args.data_dir), "epochs": args.epochs,
+              "head_only": args.head_only, "validation_accuracy": accuracy}
+    mlx_evit.save_model(model, args.output, labels=classes, source=source, force=args.force)
+    print(f"validation accuracy {accuracy:.3f} (epochs: {args.epochs}, {time.perf_counter() - start:.0f} s); "
           f"saved {args.output}")
 
 

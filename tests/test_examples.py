@@ -130,6 +130,8 @@ def test_readme_demo_finetune_learns_the_digits(demo):
     model = mlx_evit.load(cwd / "digits_model")
     assert model.labels == sorted(p.name for p in (cwd / "digits" / "train").iterdir()) == ["one", "two", "zero"]
     assert model.pretrained_cfg["input_size"] == [3, 32, 32]
+    source = json.loads((cwd / "digits_model" / "config.json").read_text())["source"]
+    assert source["finetuned_from"] == "seed" and source["validation_accuracy"] == pytest.approx(accuracy, abs=5e-4)
 
 
 def test_readme_demo_cli_labels_held_out_digits_with_the_new_classes(demo):
