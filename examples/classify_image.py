@@ -22,7 +22,7 @@ args = parser.parse_args()
 
 try:  # eval mode, BatchNorms folded; .pretrained_cfg is the model's preprocessing, .labels its class names
     model = mlx_evit.load(args.weights or pretrained_dir(args.model))
-    pixels = preprocess(args.image, model.pretrained_cfg)  # (H, W, 3) float32: resize, crop, normalize as timm
+    pixels = preprocess(args.image, model.pretrained_cfg or {})  # (H, W, 3) float32, as timm (defaults if no cfg)
 except (OSError, ValueError, HubError) as e:  # no such file, bad weights, Hub unreachable: say so, no traceback
     raise SystemExit(f"error: {e}")
 probs = mx.softmax(model(mx.array(pixels)[None]), axis=-1)[0]  # a batch of one NHWC image -> probabilities
