@@ -671,8 +671,11 @@ def load(
     """A ready-to-run model (eval mode, parameters evaluated) from ``path``.
 
     ``path``: an MLX model directory (written by :func:`convert` or
-    :func:`save_model`) or any checkpoint :func:`convert` accepts, which is
-    then detected and converted in memory. ``dtype``: ``"float32"``,
+    :func:`save_model`), any checkpoint :func:`convert` accepts, which is
+    then detected and converted in memory, or a registered pretrained name
+    (``"efficientvit_b1.r224_in1k"``) that is not a local path: its timm
+    weights are fetched from the Hugging Face Hub and cached converted
+    (:func:`mlx_evit.hub.pretrained_dir`). ``dtype``: ``"float32"``,
     ``"float16"`` or ``"bfloat16"`` (default: the directory's dtype, float32
     for checkpoints); attention cores run in float32 regardless. ``fuse``:
     fold every BatchNorm into its convolution, which makes inference faster
@@ -683,7 +686,7 @@ def load(
     None) and ``.labels`` (class names or None).
     """
     target = _parse_dtype(dtype)
-    net = _open(path, model).model
+    net = _open(_resolve_pretrained(path), model).model
     if target is not None:
         cast_model(net, target)
     net.eval()
@@ -691,6 +694,19 @@ def load(
         net.fuse()
     mx.eval(net.parameters())
     return net
+
+
+def _resolve_pretrained(path: PathLike) -> PathLike:
+    """``path`` itself, or the cached Hub weights when it is a registered name and no such file exists."""
+    if not isinstance(path, str) or os.path.exists(path):
+        return path
+    try:
+        get_entry(path)
+    except ValueError:
+        return path  # not a model name either: the reader reports the missing file
+    from .hub import pretrained_dir
+
+    return pretrained_dir(path)
 
 
 def load_into(name: str, path: PathLike, num_classes: Optional[int] = None, **overrides: Any) -> nn.Module:

@@ -218,3 +218,20 @@ def test_cache_location(monkeypatch, tmp_path):
     assert cache_root() == tmp_path / "home" / "mlx_evit"
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "elsewhere"))
     assert cache_root() == tmp_path / "elsewhere"
+
+
+def test_load_takes_a_pretrained_name(hub, b0_versions, tmp_path, monkeypatch):
+    """``mlx_evit.load(tag)`` loads the tag's cached Hub weights (a local path of that name would win)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mlx"))
+    commit = hub.publish(f"timm/{B0}", b0_versions[0])
+    expected = pretrained_dir(B0, endpoint=hub.endpoint)  # download + convert into $MLX_EVIT_CACHE
+    hub.stop()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    model = load(B0)
+    assert expected.name == commit and model.arch_name == "efficientvit_b0"
+    np.testing.assert_array_equal(_weights(expected), _weights(B0))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="unknown pretrained tag"):
+        load("efficientvit_b0.nonexistent_tag")
