@@ -8,7 +8,7 @@
 import argparse
 
 import mlx_evit  # import before mlx.core (it sets up BLAS)
-from mlx_evit.hub import HubError, pretrained_dir
+from mlx_evit.hub import HubError
 from mlx_evit.labels import imagenet_labels
 from mlx_evit.preprocess import preprocess
 
@@ -21,7 +21,7 @@ parser.add_argument("--weights", help="MLX model directory or checkpoint, instea
 args = parser.parse_args()
 
 try:  # eval mode, BatchNorms folded; .pretrained_cfg is the model's preprocessing, .labels its class names
-    model = mlx_evit.load(args.weights or pretrained_dir(args.model))
+    model = mlx_evit.load(args.weights or args.model)  # a tag fetches and caches its Hub weights
     pixels = preprocess(args.image, model.pretrained_cfg or {})  # (H, W, 3) float32, as timm (defaults if no cfg)
 except (OSError, ValueError, HubError) as e:  # no such file, bad weights, Hub unreachable: say so, no traceback
     raise SystemExit(f"error: {e}")
