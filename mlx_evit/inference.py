@@ -22,9 +22,11 @@ multiply-adds and batched matmuls on the CPU) are chosen at trace time.
 On the CPU backend two more things matter. Fusion needs a C++ compiler
 (``g++``) at run time: without one, MLX's compile silently fuses nothing,
 so the predictor runs eagerly instead (``predictor.compiled`` says which).
-And MLX runs each CPU stream's non-BLAS work on one thread, so a batch is
-split across ``streams`` CPU streams (default: up to 2) that run
-concurrently; every image is computed exactly as it would be alone. While a
+And MLX runs each CPU stream's non-BLAS work on one thread, so a batch may
+be split across CPU streams (default: up to 2) that run concurrently; every
+image is computed exactly as it would be alone. Whether that pays depends on
+the model (GEMM-heavy ones gain nothing), so by default the first call with
+a new input shape times both ways and the faster one is kept. While a
 split batch runs, the OpenBLAS that :mod:`mlx_evit._blas` loaded gets
 ``threads // streams`` threads (restored afterwards; the setting is
 process-wide), so streams and BLAS together use the cores once, and the
@@ -36,6 +38,7 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
+import time
 from typing import Optional, Union
 
 import mlx.core as mx
@@ -91,16 +94,22 @@ class Predictor:
     cast to the predictor's ``dtype``. Build it with :func:`prepare`.
     Attributes: ``model`` (the prepared module, fused, in eval mode),
     ``dtype``, ``bits`` (``None`` or the quantization bits), ``compiled``
-    (whether the forward pass is fused on the current device) and
-    ``streams`` (CPU streams a batch is split across).
+    (whether the forward pass is fused on the current device), ``streams``
+    (the most CPU streams a batch is split across) and ``split_plan`` (per
+    input shape, the number of streams chosen by timing, when tuning).
     """
 
-    def __init__(self, model: nn.Module, dtype: mx.Dtype, bits: Optional[int], compile: bool, streams: int):
+    TUNE_RUNS = 2  # timed calls per candidate when choosing a batch split
+
+    def __init__(self, model: nn.Module, dtype: mx.Dtype, bits: Optional[int], compile: bool, streams: int,
+                 tune: bool):
         self.model = model
         self.dtype = dtype
         self.bits = bits
         self._want_compile = compile
         self.streams = streams
+        self.tune = tune
+        self.split_plan: dict[tuple, int] = {}
         self._cpu_streams: list = []
         self._blas = _OpenBLASThreads.open()
         self._forward = self._build_forward() if compile else model
@@ -135,6 +144,15 @@ class Predictor:
         if mx.issubdtype(x.dtype, mx.floating) and x.dtype != self.dtype:
             x = x.astype(self.dtype)
         n = self._split_count(x)
+        if n > 1 and self.tune:
+            key = (tuple(x.shape), str(x.dtype), str(mx.default_device()))
+            if key not in self.split_plan:
+                self.split_plan[key], out = self._choose_split(x, n)
+                return out
+            n = self.split_plan[key]
+        return self._predict(x, n)
+
+    def _predict(self, x: mx.array, n: int) -> mx.array:
         if n <= 1:
             return self._run(x).astype(mx.float32)
         # Data parallel over CPU streams: each stream has its own worker thread.
@@ -157,6 +175,28 @@ class Predictor:
             if threads > 1:
                 blas.set(threads)
         return out
+
+    def _choose_split(self, x: mx.array, n: int) -> tuple[int, mx.array]:
+        """Time the whole batch on one stream against the batch split over ``n``; keep the faster.
+
+        Whether splitting pays depends on the model's mix of GEMMs (already
+        multi-threaded) and single-threaded work, so it is measured: one
+        untimed call per candidate (tracing, compilation), then
+        :attr:`TUNE_RUNS` alternating timed calls each.
+        """
+        best: dict[int, float] = {}
+        out = None
+        for candidate in (1, n):
+            out = self._predict(x, candidate)
+            mx.eval(out)
+        for _ in range(self.TUNE_RUNS):
+            for candidate in (1, n):
+                start = time.perf_counter()
+                out = self._predict(x, candidate)
+                mx.eval(out)
+                elapsed = time.perf_counter() - start
+                best[candidate] = min(best.get(candidate, elapsed), elapsed)
+        return min(best, key=best.get), out
 
     def _split_count(self, x: mx.array) -> int:
         if self.streams <= 1 or x.ndim != 4 or x.shape[0] < 2:
@@ -220,8 +260,11 @@ def prepare(
     ``nn.Linear`` layers quantized to ``quantize`` bits (4 or 8, affine,
     groups of ``group_size`` input channels; layers narrower than a group
     stay in floating point). ``compile=False`` keeps the eager forward (for
-    debugging). ``streams``: CPU streams a batch is split across (default
-    ``min(2, cpu_count)``; 1 disables splitting; the GPU never splits).
+    debugging). ``streams``: the most CPU streams a batch is split across;
+    by default ``min(2, cpu_count)`` with the choice between splitting and
+    not made per input shape by timing the first call (see
+    :meth:`Predictor._choose_split`); an explicit number always splits that
+    far (1: never). The GPU never splits.
     ``cache_limit``: MLX's buffer cache is raised to at least this many bytes
     (process-wide; never lowered; ``None`` leaves it alone). MLX's CPU
     default of 32 MB returns every larger activation buffer to the operating
@@ -239,6 +282,7 @@ def prepare(
         raise ValueError(f"quantize must be None or one of {QUANT_BITS} bits, got {quantize!r}")
     if group_size not in (32, 64, 128):
         raise ValueError(f"group_size must be 32, 64 or 128, got {group_size!r}")
+    tune = streams is None
     if streams is None:
         streams = _default_streams()
     if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
@@ -263,7 +307,7 @@ def prepare(
     if callable(fuse) and (target != mx.float32 or quantize is not None):
         fuse()  # caches derived from parameters (e.g. gathered attention biases) follow the new ones
     mx.eval(model.parameters())
-    return Predictor(model, target, quantize, compile, streams)
+    return Predictor(model, target, quantize, compile, streams, tune)
 
 
 def parameter_bytes(model: nn.Module) -> int:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -121,6 +122,27 @@ def test_batch_split_over_streams_gives_each_image_alone():
     single = prepare(twin, streams=1)
     alone = np.concatenate([np.array(single(x[i : i + 1])) for i in range(5)])
     np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_default_split_is_chosen_by_timing_once_per_shape(monkeypatch):
+    model = _model("efficientvit_m0", {"img_size": 64})
+    x = _images(4, 64, seed=2)
+    ref = np.array(prepare(_twin(model, "efficientvit_m0", {"img_size": 64}), streams=1)(x))
+    predictor = prepare(model)
+    assert predictor.tune and predictor.streams == min(2, os.cpu_count() or 1)
+    first = np.array(predictor(x))
+    np.testing.assert_allclose(first, ref, rtol=1e-5, atol=1e-6)
+    if predictor.streams > 1:
+        (key, choice), = predictor.split_plan.items()
+        assert key[0] == (4, 64, 64, 3) and choice in (1, 2)
+    tuned = []
+    monkeypatch.setattr(predictor, "_choose_split", lambda x, n: tuned.append(n) or (1, predictor._predict(x, 1)))
+    np.testing.assert_allclose(np.array(predictor(x)), ref, rtol=1e-5, atol=1e-6)
+    assert tuned == []  # the plan is reused for this shape
+    predictor(x[:3])
+    assert tuned == ([2] if predictor.streams > 1 else [])  # a new shape is timed once
+    predictor(x[:1])  # one image: nothing to split, nothing to time
+    assert len(tuned) <= 1
 
 
 def test_batch_split_shares_the_blas_threads_and_restores_them():
