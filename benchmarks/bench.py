@@ -18,7 +18,8 @@ threads hit all of them alike. Reported: the median over
 rounds (images/s), the spread, and the load average.
 
 * mlx_evit: its default inference path, ``mlx_evit.inference.prepare(model)``
-  (BatchNorm folded, ``mx.compile``, CPU batch split across streams).
+  (BatchNorm folded, ``mx.compile``, OpenBLAS GEMMs, a batch split across two
+  CPU streams when the first call's timing says it pays).
 * timm: ``timm.create_model`` in eval mode under ``torch.inference_mode()``,
   NCHW, ``torch.set_num_threads(N)``.
 * ONNX Runtime: the same PyTorch model exported with ``torch.onnx.export``
@@ -28,10 +29,10 @@ rounds (images/s), the spread, and the load average.
 
 Threads: ``--threads N`` (default 2) sets ``OPENBLAS_NUM_THREADS``,
 ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` before any library loads, torch's
-intra-op threads and ORT's intra-op threads; mlx_evit splits a batch over at
-most N CPU streams (one thread each) and, while it does, lets each stream's
-GEMMs use N / streams BLAS threads, so no runtime computes on more than N
-threads at once.
+intra-op threads and ORT's intra-op threads. mlx_evit's BLAS uses N threads;
+when it splits a batch over its two CPU streams (one thread each; only with
+N >= 2) their GEMMs share those N threads, so no runtime computes on more
+than N threads at once.
 
 Memory: each runtime runs alone in a fresh subprocess (``--memory-runs``
 inferences after loading the model); the figure is the growth of the
@@ -239,7 +240,8 @@ def runtime_fn(runtime: str, case: Case, cache: str, threads: int, x_nhwc, torch
         import mlx.core as mx
         from mlx_evit.inference import prepare
 
-        predictor = prepare(load_mlx(case.model, case.res, weights), streams=threads)
+        # The default path; with one thread there is no second core to split a batch onto.
+        predictor = prepare(load_mlx(case.model, case.res, weights), streams=None if threads >= 2 else 1)
         x = mx.array(x_nhwc)
 
         def call():
@@ -423,7 +425,7 @@ def run_precision(name: str, args, log) -> list[dict]:
     for precision in PRECISIONS:
         dtype = precision if precision.startswith(("float", "bfloat")) else None
         bits = int(precision[1:]) if precision.startswith("q") else None
-        predictor = prepare(load_mlx(name, res, weights), dtype=dtype, quantize=bits, streams=args.threads)
+        predictor = prepare(load_mlx(name, res, weights), dtype=dtype, quantize=bits, streams=1)
         logits = np.array(predictor(x), dtype=np.float64)
         if ref is None:
             ref = logits
@@ -491,6 +493,14 @@ def run_cold_start(args, log) -> dict:
             log(f"cold start skipped: {msg}")
             return {"skipped": msg}
         outputs[key] = proc.stdout
+    # Both must name the same class: the MLX CLI's JSON output against the timm script's first line.
+    check = subprocess.run(commands["mlx"] + ["--format", "json", "--top-k", "1"], capture_output=True, text=True,
+                           env=env, cwd=REPO, timeout=600)
+    try:
+        mlx_top1 = json.loads(check.stdout)[0]["top_k"][0]["index"]
+    except (ValueError, LookupError, TypeError):
+        mlx_top1 = None
+    timm_top1 = int(outputs["torch"].split()[0])
     samples = {key: [] for key in commands}
     for r in range(args.cold_start_runs):
         for key in (list(commands) if r % 2 == 0 else list(commands)[::-1]):
@@ -498,6 +508,7 @@ def run_cold_start(args, log) -> dict:
             subprocess.run(commands[key], capture_output=True, env=env, cwd=REPO, timeout=600, check=True)
             samples[key].append(time.perf_counter() - t)
     result = dict(model=name, image="640x480 PNG", weights=os.path.basename(weights), runs=args.cold_start_runs,
+                  top1=dict(mlx=mlx_top1, torch=timm_top1, same=mlx_top1 == timm_top1),
                   commands={k: " ".join(os.path.basename(c) if i == 0 else c for i, c in enumerate(v))
                             for k, v in commands.items()})
     for key, s in samples.items():
@@ -645,6 +656,11 @@ def markdown(report: dict) -> str:
                 f"| {cold['mlx']['max_s']:.2f} |",
                 f"| `{cold['commands']['torch']}` | {cold['torch']['median_s']:.2f} | {cold['torch']['min_s']:.2f} "
                 f"| {cold['torch']['max_s']:.2f} |",
+                "",
+                f"Fresh processes, warm OS file cache, {cold['runs']} alternating runs each after one warm-up run; "
+                f"{cold['model']} with the benchmark's random weights on a {cold['image']}. Top-1 class: "
+                f"mlx_evit {cold['top1']['mlx']}, timm {cold['top1']['torch']} "
+                f"({'same' if cold['top1']['same'] else 'DIFFERENT'}).",
             ]
     return "\n".join(lines) + "\n"
 
