@@ -25,8 +25,8 @@ so the predictor runs eagerly instead (``predictor.compiled`` says which).
 And MLX runs each CPU stream's non-BLAS work on one thread, so a batch may
 be split across CPU streams (default: up to 2) that run concurrently; every
 image is computed exactly as it would be alone. Whether that pays depends on
-the model (GEMM-heavy ones gain nothing), so by default the first call with
-a new input shape times both ways and the faster one is kept. While a
+the model (GEMM-heavy ones gain nothing), so by default the first calls with
+a new input shape try both ways and the faster one is kept. While a
 split batch runs, the OpenBLAS that :mod:`mlx_evit._blas` loaded gets
 ``threads // streams`` threads (restored afterwards; the setting is
 process-wide), so streams and BLAS together use the cores once, and the
@@ -45,7 +45,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-__all__ = ["Predictor", "prepare", "quantizable", "cpu_compile_available"]
+__all__ = ["Predictor", "prepare", "quantizable", "parameter_bytes", "cpu_compile_available"]
 
 DTypeLike = Union[None, str, mx.Dtype]
 
@@ -59,9 +59,15 @@ def cpu_compile_available() -> bool:
     return shutil.which("g++") is not None
 
 
+def _model_dtype(model: nn.Module) -> mx.Dtype:
+    """The floating dtype of the model's parameters (float32 if it has none)."""
+    for _, v in tree_flatten(model.parameters()):
+        if mx.issubdtype(v.dtype, mx.floating):
+            return v.dtype
+    return mx.float32
+
+
 def _resolve_dtype(dtype: DTypeLike) -> mx.Dtype:
-    if dtype is None:
-        return mx.float32
     if isinstance(dtype, mx.Dtype):
         if dtype in _DTYPES.values():
             return dtype
@@ -96,10 +102,10 @@ class Predictor:
     ``dtype``, ``bits`` (``None`` or the quantization bits), ``compiled``
     (whether the forward pass is fused on the current device), ``streams``
     (the most CPU streams a batch is split across) and ``split_plan`` (per
-    input shape, the number of streams chosen by timing, when tuning).
+    input shape, the number of streams chosen by timing, when tuning: the
+    first six calls with a shape alternate between running it whole and
+    split, the last four timed; no call is repeated for the measurement).
     """
-
-    TUNE_RUNS = 2  # timed calls per candidate when choosing a batch split
 
     def __init__(self, model: nn.Module, dtype: mx.Dtype, bits: Optional[int], compile: bool, streams: int,
                  tune: bool):
@@ -110,6 +116,7 @@ class Predictor:
         self.streams = streams
         self.tune = tune
         self.split_plan: dict[tuple, int] = {}
+        self._trial_times: dict[tuple, list] = {}
         self._cpu_streams: list = []
         self._blas = _OpenBLASThreads.open()
         self._forward = self._build_forward() if compile else model
@@ -143,14 +150,46 @@ class Predictor:
             x = mx.array(x)
         if mx.issubdtype(x.dtype, mx.floating) and x.dtype != self.dtype:
             x = x.astype(self.dtype)
-        n = self._split_count(x)
+        n = self._split_count(x.shape)
         if n > 1 and self.tune:
-            key = (tuple(x.shape), str(x.dtype), str(mx.default_device()))
-            if key not in self.split_plan:
-                self.split_plan[key], out = self._choose_split(x, n)
-                return out
-            n = self.split_plan[key]
+            key = self._key(x)
+            plan = self.split_plan.get(key)
+            if plan is None:
+                return self._trial(key, x, n)
+            n = plan
         return self._predict(x, n)
+
+    # Online choice of the batch split: the first calls with a new shape run it whole and split,
+    # alternating, first once each untimed (tracing, JIT compilation), then timed; later calls use
+    # the faster (best of its timed calls). Every call returns its answer: nothing is repeated.
+    _TRIALS = ((False, False), (True, False), (False, True), (True, True), (False, True), (True, True))
+
+    def _trial(self, key: tuple, x: mx.array, n: int) -> mx.array:
+        times = self._trial_times.setdefault(key, [])
+        split, timed = self._TRIALS[len(times)]
+        start = time.perf_counter()
+        out = self._predict(x, n if split else 1)
+        if timed:
+            mx.eval(out)
+        times.append((split, time.perf_counter() - start if timed else None))
+        if len(times) == len(self._TRIALS):
+            whole = min(t for s, t in times if t is not None and not s)
+            parts = min(t for s, t in times if t is not None and s)
+            self.split_plan[key] = n if parts < whole else 1
+            del self._trial_times[key]
+        return out
+
+    def tuning(self, x) -> bool:
+        """True while the batch split for inputs like ``x`` is still being chosen.
+
+        Benchmarks call the predictor until this is False before timing it.
+        """
+        x = x if isinstance(x, mx.array) else mx.array(x)
+        return self.tune and self._split_count(x.shape) > 1 and self._key(x) not in self.split_plan
+
+    def _key(self, x: mx.array) -> tuple:
+        dtype = self.dtype if mx.issubdtype(x.dtype, mx.floating) else x.dtype
+        return (tuple(x.shape), str(dtype), str(mx.default_device()))
 
     def _predict(self, x: mx.array, n: int) -> mx.array:
         if n <= 1:
@@ -176,34 +215,13 @@ class Predictor:
                 blas.set(threads)
         return out
 
-    def _choose_split(self, x: mx.array, n: int) -> tuple[int, mx.array]:
-        """Time the whole batch on one stream against the batch split over ``n``; keep the faster.
-
-        Whether splitting pays depends on the model's mix of GEMMs (already
-        multi-threaded) and single-threaded work, so it is measured: one
-        untimed call per candidate (tracing, compilation), then
-        :attr:`TUNE_RUNS` alternating timed calls each.
-        """
-        best: dict[int, float] = {}
-        out = None
-        for candidate in (1, n):
-            out = self._predict(x, candidate)
-            mx.eval(out)
-        for _ in range(self.TUNE_RUNS):
-            for candidate in (1, n):
-                start = time.perf_counter()
-                out = self._predict(x, candidate)
-                mx.eval(out)
-                elapsed = time.perf_counter() - start
-                best[candidate] = min(best.get(candidate, elapsed), elapsed)
-        return min(best, key=best.get), out
-
-    def _split_count(self, x: mx.array) -> int:
-        if self.streams <= 1 or x.ndim != 4 or x.shape[0] < 2:
+    def _split_count(self, shape: tuple) -> int:
+        """Streams a batch of this shape is split across when splitting (1: not splittable)."""
+        if self.streams <= 1 or len(shape) != 4 or shape[0] < 2:
             return 1
         if mx.default_device().type != mx.DeviceType.cpu:
             return 1
-        return min(self.streams, x.shape[0])
+        return min(self.streams, shape[0])
 
     def __repr__(self) -> str:
         name = getattr(self.model, "arch_name", type(self.model).__name__)
@@ -255,16 +273,17 @@ def prepare(
     """Prepare ``model`` for fast inference; returns a :class:`Predictor`.
 
     The model is modified in place: eval mode, BatchNorms folded (if not
-    already), optionally cast to ``dtype`` (``"float16"``/``"bfloat16"``;
-    weights and activations, attention cores in float32) and its
+    already), optionally cast to ``dtype`` (``"float32"``, ``"float16"`` or
+    ``"bfloat16"``; weights and activations, attention cores in float32;
+    default: keep the model's dtype, inputs are cast to it) and its
     ``nn.Linear`` layers quantized to ``quantize`` bits (4 or 8, affine,
     groups of ``group_size`` input channels; layers narrower than a group
     stay in floating point). ``compile=False`` keeps the eager forward (for
     debugging). ``streams``: the most CPU streams a batch is split across;
-    by default ``min(2, cpu_count)`` with the choice between splitting and
-    not made per input shape by timing the first call (see
-    :meth:`Predictor._choose_split`); an explicit number always splits that
-    far (1: never). The GPU never splits.
+    by default ``min(2, cpu_count)``, with the choice between splitting and
+    not made per input shape by timing the first calls (see
+    :class:`Predictor`); an explicit number always splits that far (1:
+    never). The GPU never splits.
     ``cache_limit``: MLX's buffer cache is raised to at least this many bytes
     (process-wide; never lowered; ``None`` leaves it alone). MLX's CPU
     default of 32 MB returns every larger activation buffer to the operating
@@ -277,7 +296,7 @@ def prepare(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare() expects an mlx.nn.Module, got {type(model).__name__}")
-    target = _resolve_dtype(dtype)
+    target = _model_dtype(model) if dtype is None else _resolve_dtype(dtype)
     if quantize is not None and quantize not in QUANT_BITS:
         raise ValueError(f"quantize must be None or one of {QUANT_BITS} bits, got {quantize!r}")
     if group_size not in (32, 64, 128):
@@ -300,11 +319,12 @@ def prepare(
     model.eval()
     if callable(fuse):
         fuse()  # idempotent: folds BatchNorms once, refreshes inference caches
-    if target != mx.float32:
+    cast = target != _model_dtype(model)
+    if cast:
         model.set_dtype(target)
     if quantize is not None:
         nn.quantize(model, group_size=group_size, bits=quantize, class_predicate=quantizable(group_size))
-    if callable(fuse) and (target != mx.float32 or quantize is not None):
+    if callable(fuse) and (cast or quantize is not None):
         fuse()  # caches derived from parameters (e.g. gathered attention biases) follow the new ones
     mx.eval(model.parameters())
     return Predictor(model, target, quantize, compile, streams, tune)

@@ -117,32 +117,38 @@ def test_batch_split_over_streams_gives_each_image_alone():
     x = _images(5, 64, seed=1)
     twin = _twin(model, "efficientvit_b0", {})
     split = prepare(model, streams=2)
-    assert split.streams == 2 and split._split_count(x) == 2
+    assert split.streams == 2 and split._split_count(x.shape) == 2
     together = np.array(split(x))
     single = prepare(twin, streams=1)
     alone = np.concatenate([np.array(single(x[i : i + 1])) for i in range(5)])
     np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
 
 
-def test_default_split_is_chosen_by_timing_once_per_shape(monkeypatch):
+def test_default_split_is_chosen_by_timing_the_first_calls(monkeypatch):
     model = _model("efficientvit_m0", {"img_size": 64})
     x = _images(4, 64, seed=2)
     ref = np.array(prepare(_twin(model, "efficientvit_m0", {"img_size": 64}), streams=1)(x))
     predictor = prepare(model)
     assert predictor.tune and predictor.streams == min(2, os.cpu_count() or 1)
-    first = np.array(predictor(x))
-    np.testing.assert_allclose(first, ref, rtol=1e-5, atol=1e-6)
-    if predictor.streams > 1:
-        (key, choice), = predictor.split_plan.items()
-        assert key[0] == (4, 64, 64, 3) and choice in (1, 2)
-    tuned = []
-    monkeypatch.setattr(predictor, "_choose_split", lambda x, n: tuned.append(n) or (1, predictor._predict(x, 1)))
-    np.testing.assert_allclose(np.array(predictor(x)), ref, rtol=1e-5, atol=1e-6)
-    assert tuned == []  # the plan is reused for this shape
-    predictor(x[:3])
-    assert tuned == ([2] if predictor.streams > 1 else [])  # a new shape is timed once
-    predictor(x[:1])  # one image: nothing to split, nothing to time
-    assert len(tuned) <= 1
+    if predictor.streams < 2:
+        pytest.skip("one CPU: nothing to split")
+    used = []
+    real = predictor._predict
+    monkeypatch.setattr(predictor, "_predict", lambda x, n: used.append(n) or real(x, n))
+    calls = 0
+    while predictor.tuning(x):  # whole and split alternately, the last four timed: every call returns the answer
+        np.testing.assert_allclose(np.array(predictor(x)), ref, rtol=1e-5, atol=1e-6)
+        calls += 1
+    assert calls == 6 and used == [1, 2, 1, 2, 1, 2]
+    assert not predictor.tuning(x[:1]) and predictor.tuning(x[:3])
+    (key, choice), = predictor.split_plan.items()
+    assert key[0] == (4, 64, 64, 3) and choice in (1, 2)
+    used.clear()
+    predictor(x)
+    predictor(x[:1])  # one image: nothing to split, nothing to try
+    assert used == [choice, 1]
+    predictor(x[:3])  # a new shape starts its own trials
+    assert used[-1] == 1 and len(predictor.split_plan) == 1
 
 
 def test_batch_split_shares_the_blas_threads_and_restores_them():
@@ -302,6 +308,18 @@ def test_half_precision_parameters_have_the_requested_dtype():
     floats = [v for _, v in tree_flatten(predictor.model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
     assert floats and all(v.dtype == mx.bfloat16 for v in floats)
     assert predictor.dtype == mx.bfloat16
+
+
+def test_default_dtype_is_the_models_own():
+    model = _model("efficientvit_b0", {})
+    x = _images(1, 64)
+    ref = np.array(prepare(_twin(model, "efficientvit_b0", {}), dtype="float16")(x))
+    model.set_dtype(mx.float16)  # e.g. loaded with convert.load(..., dtype="float16")
+    predictor = prepare(model)
+    assert predictor.dtype == mx.float16 and predictor.model.stem.in_conv.conv.weight.dtype == mx.float16
+    out = predictor(x)  # float32 images are cast to the model's dtype; logits come back float32
+    assert out.dtype == mx.float32
+    np.testing.assert_allclose(np.array(out), ref, rtol=1e-2, atol=1e-3)
 
 
 # ---------------------------------------------------------------------------
