@@ -36,6 +36,7 @@ import mlx.core as mx
 import numpy as np
 
 from .labels import Label, LabelFileError, imagenet_labels, read_labels
+from .inference import prepare
 from .preprocess import EvalTransform, ImageInput, ImageLoadError, eval_transform, load_image
 from .registry import get_pretrained_cfg, split_name
 
@@ -106,7 +107,9 @@ class ImageFailure:
 class Classifier:
     """A model ready for inference, with its preprocessing and class labels.
 
-    ``model``: any mlx_evit model in eval mode (``(B, H, W, 3)`` -> logits).
+    ``model``: any mlx_evit model (``(B, H, W, 3)`` -> logits); it is
+    prepared for inference in place (:func:`mlx_evit.inference.prepare`: eval
+    mode, BatchNorms folded, compiled forward).
     ``labels``: one :class:`~mlx_evit.labels.Label` (or name) per class;
     default: the model's own (``model.labels``), else ImageNet-1k for 1000
     classes, else ``"class <i>"``. ``preprocess``: a pretrained cfg dict /
@@ -135,7 +138,8 @@ class Classifier:
             raise ClassifierError(f"bad preprocessing config: {e}") from None
         self.labels = _resolve_labels(labels, getattr(model, "labels", None), self.num_classes)
         self.name = name or _model_name(model)
-        self.dtype = _param_dtype(model)
+        self._predict = prepare(model)  # in place: eval mode, BatchNorms folded; compiled forward
+        self.dtype = self._predict.dtype
 
     @classmethod
     def load(
@@ -196,9 +200,8 @@ class Classifier:
 
     def probabilities(self, pixels: Union[np.ndarray, mx.array]) -> np.ndarray:
         """Softmax probabilities ``(B, num_classes)`` float32 of preprocessed ``(B, H, W, 3)`` images."""
-        x = mx.array(pixels).astype(self.dtype)
-        logits = self.model(x)
-        probs = mx.softmax(logits.astype(mx.float32), axis=-1)
+        logits = self._predict(mx.array(pixels))  # cast to the model's dtype; float32 logits
+        probs = mx.softmax(logits, axis=-1)
         mx.eval(probs)
         return np.asarray(probs)
 
@@ -318,15 +321,6 @@ def _model_name(model: Any) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     tag = cfg.get("tag") if isinstance(cfg, Mapping) else getattr(cfg, "tag", None)
     return f"{arch}.{tag}" if tag else arch
-
-
-def _param_dtype(model: Any) -> mx.Dtype:
-    from mlx.utils import tree_flatten
-
-    for _, value in tree_flatten(model.parameters()):
-        if mx.issubdtype(value.dtype, mx.floating):
-            return value.dtype
-    return mx.float32
 
 
 def _one_line(e: BaseException) -> str:
