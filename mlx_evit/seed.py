@@ -1,7 +1,8 @@
 """The seed model: a configurable EfficientViT with cascaded group linear attention.
 
-This is the model the project's seed document describes (see
-``docs/seed.md``, "How we read it"), in NHWC:
+This is the model the project was started from, as its seed design document
+reads it (section "How we read it"; summarised in the README, "The seed
+model"), in NHWC:
 
 * patch embedding: a ``patch_size`` x ``patch_size`` convolution with stride
   ``patch_size`` (``in_channels -> embed_dim``), then LayerNorm;

@@ -397,3 +397,46 @@ def test_softmax_rows_sum_to_one_and_handle_large_logits():
     np.testing.assert_allclose(y.sum(-1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(y[0], [1 / (1 + math.exp(-1)), 1 / (1 + math.e), 0.0], rtol=1e-6, atol=1e-30)
     np.testing.assert_allclose(y[1], [1 / 3] * 3, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# The CPU formulations of the depthwise convolution
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel_size, stride", [(3, 1), (3, 2), (5, 1), (7, 1)])
+@pytest.mark.parametrize("form", ["strided_view", "shifted"])
+def test_depthwise_cpu_forms_equal_mlx_grouped_conv(monkeypatch, tmp_path, kernel_size, stride, form):
+    """Both CPU forms (any taps-per-kernel split), eager, compiled and exported, equal ``mx.conv2d(groups=C)``."""
+    rng = np.random.default_rng(kernel_size * 10 + stride)
+    C = 12
+    conv = layers.DepthwiseConv2d(C, kernel_size, stride=stride, bias=True)
+    conv.weight = mx.array(rng.standard_normal(conv.weight.shape).astype(np.float32))
+    conv.bias = mx.array(rng.standard_normal(C).astype(np.float32))
+    x = mx.array(rng.standard_normal((2, 11, 9, C)).astype(np.float32))  # odd, non-square: edge taps matter
+    p = kernel_size // 2
+    ref = np.array(mx.conv2d(x, conv.weight, stride=stride, padding=p, groups=C) + conv.bias)
+    monkeypatch.setattr(layers, "native_grouped_conv", lambda: False)
+    monkeypatch.setattr(layers.DepthwiseConv2d, "STRIDED_VIEW_MAX", 10**9 if form == "strided_view" else 0)
+    for taps in (1, 3, 4, kernel_size * kernel_size):
+        monkeypatch.setattr(layers.DepthwiseConv2d, "TAPS_PER_KERNEL", taps)
+        for fn in (conv, mx.compile(lambda v: conv(v))):
+            np.testing.assert_allclose(np.array(fn(x)), ref, rtol=1e-5, atol=1e-5, err_msg=f"taps={taps}")
+    # The compiled forward pass survives export (examples/export.py; an unserialisable primitive
+    # would fail here) and reimports exactly.
+    monkeypatch.setattr(layers.DepthwiseConv2d, "TAPS_PER_KERNEL", 2)
+    path = str(tmp_path / "dw.mlxfn")
+    mx.export_function(path, mx.compile(lambda v: conv(v)), x)
+    np.testing.assert_allclose(np.array(mx.import_function(path)(x)[0]), ref, rtol=1e-5, atol=1e-5)
+    # Gradients through the CPU form equal those through MLX's grouped convolution.
+    def loss(w, native):
+        if native:
+            y = mx.conv2d(x, w, stride=stride, padding=p, groups=C) + conv.bias
+        else:
+            conv.weight = w
+            y = conv(x)
+        return (y * y).sum()
+
+    g_ref = mx.grad(lambda w: loss(w, True))(conv.weight)
+    g_cpu = mx.grad(lambda w: loss(w, False))(conv.weight)
+    np.testing.assert_allclose(np.array(g_cpu), np.array(g_ref), rtol=1e-4, atol=1e-4)
