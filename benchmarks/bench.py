@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Throughput, memory and cold-start benchmark: mlx_evit vs timm (PyTorch eager) vs ONNX Runtime (CPU).
 
-    python benchmarks/bench.py                          # the full plan (about 30 minutes on 2 cores)
+    python benchmarks/bench.py                          # the full plan (about 25 minutes on 2 cores)
     python benchmarks/bench.py --models efficientvit_b0,efficientvit_m0 --batch-sizes 1,16
     python benchmarks/bench.py --models efficientvit_b1 --resolutions 512,1024 --batch-sizes 1
     python benchmarks/bench.py --threads 2 --json results.json --markdown RESULTS.md
@@ -19,7 +19,7 @@ rounds (images/s), the spread, and the load average.
 
 * mlx_evit: its default inference path, ``mlx_evit.inference.prepare(model)``
   (BatchNorm folded, ``mx.compile``, OpenBLAS GEMMs, a batch split across two
-  CPU streams when the first call's timing says it pays).
+  CPU streams when timing the first calls says it pays).
 * timm: ``timm.create_model`` in eval mode under ``torch.inference_mode()``,
   NCHW, ``torch.set_num_threads(N)``.
 * ONNX Runtime: the same PyTorch model exported with ``torch.onnx.export``

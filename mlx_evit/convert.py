@@ -54,6 +54,9 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "DTYPES",
+    "parse_dtype",
+    "cast_model",
+    "model_dtype",
     "convert",
     "load",
     "load_into",
@@ -181,19 +184,18 @@ def _dtype_name(dtype: mx.Dtype) -> str:
     return str(dtype).rpartition(".")[2]
 
 
-def _parse_dtype(dtype: Union[str, mx.Dtype, None]) -> Optional[mx.Dtype]:
-    if dtype is None or isinstance(dtype, mx.Dtype):
-        if dtype is not None and dtype not in DTYPES.values():
-            raise ConversionError(f"unsupported dtype {dtype}; choose one of {', '.join(DTYPES)}")
+def parse_dtype(dtype: Union[str, mx.Dtype, None]) -> Optional[mx.Dtype]:
+    """``"float32"``/``"float16"``/``"bfloat16"`` (or the ``mx`` dtype) -> ``mx.Dtype``; ``None`` stays ``None``."""
+    if dtype is None or isinstance(dtype, mx.Dtype) and dtype in DTYPES.values():
         return dtype
-    if dtype not in DTYPES:
-        raise ConversionError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ConversionError(f"unsupported dtype {dtype!r}: dtype must be one of {', '.join(DTYPES)}")
 
 
 def cast_model(model: nn.Module, dtype: Union[str, mx.Dtype]) -> nn.Module:
     """Cast floating parameters to ``dtype`` in place (BatchNorm running statistics stay float32)."""
-    target = _parse_dtype(dtype)
+    target = parse_dtype(dtype)
     updates = []
     for path, value in tree_flatten(model.parameters()):
         if not mx.issubdtype(value.dtype, mx.floating):
@@ -206,14 +208,13 @@ def cast_model(model: nn.Module, dtype: Union[str, mx.Dtype]) -> nn.Module:
     return model
 
 
-def _model_dtype(model: nn.Module) -> str:
-    """Dtype of most parameter elements (BatchNorm statistics not counted)."""
-    counts: dict[str, int] = {}
+def model_dtype(model: nn.Module) -> mx.Dtype:
+    """Dtype of most floating parameter elements (BatchNorm statistics not counted; float32 if none)."""
+    counts: dict[mx.Dtype, int] = {}
     for path, value in tree_flatten(model.parameters()):
         if mx.issubdtype(value.dtype, mx.floating) and path.rpartition(".")[2] not in _FLOAT32_LEAVES:
-            name = _dtype_name(value.dtype)
-            counts[name] = counts.get(name, 0) + value.size
-    return max(counts, key=counts.get) if counts else "float32"
+            counts[value.dtype] = counts.get(value.dtype, 0) + value.size
+    return max(counts, key=counts.get) if counts else mx.float32
 
 
 def _num_params(model: nn.Module) -> int:
@@ -685,7 +686,7 @@ def load(
     carries ``.arch_name``, ``.pretrained_cfg`` (preprocessing; dict or
     None) and ``.labels`` (class names or None).
     """
-    target = _parse_dtype(dtype)
+    target = parse_dtype(dtype)
     net = _open(_resolve_pretrained(path), model).model
     if target is not None:
         cast_model(net, target)
@@ -775,7 +776,7 @@ def save_model(
         "arch_args": _jsonable(arch_args, "arch_args"),
         "num_classes": num_classes,
         "pretrained_cfg": _jsonable(pretrained_cfg, "pretrained_cfg"),
-        "dtype": _model_dtype(model),
+        "dtype": _dtype_name(model_dtype(model)),
         "attention_eps": arch_args.get("attention_eps"),
         "labels": labels,
         "source": _jsonable(dict(source), "source") if source is not None else None,
@@ -864,7 +865,7 @@ def convert(
     or :class:`~mlx_evit.weights.CheckpointMismatchError` with a message
     naming the problem; nothing is written then.
     """
-    target = _parse_dtype(dtype)
+    target = parse_dtype(dtype)
     out = Path(out_dir)
     _check_target(out, force)  # fail before the expensive part
     with warnings.catch_warnings(record=True):

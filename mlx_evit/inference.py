@@ -45,11 +45,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .convert import cast_model, model_dtype, parse_dtype
+
 __all__ = ["Predictor", "prepare", "quantizable", "parameter_bytes", "cpu_compile_available"]
 
 DTypeLike = Union[None, str, mx.Dtype]
 
-_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 QUANT_BITS = (4, 8)
 CACHE_LIMIT = 1 << 30  # bytes of freed buffers MLX may keep for reuse (see prepare)
 
@@ -57,23 +58,6 @@ CACHE_LIMIT = 1 << 30  # bytes of freed buffers MLX may keep for reuse (see prep
 def cpu_compile_available() -> bool:
     """True when MLX's CPU backend can JIT-compile fused kernels (it shells out to ``g++``)."""
     return shutil.which("g++") is not None
-
-
-def _model_dtype(model: nn.Module) -> mx.Dtype:
-    """The floating dtype of the model's parameters (float32 if it has none)."""
-    for _, v in tree_flatten(model.parameters()):
-        if mx.issubdtype(v.dtype, mx.floating):
-            return v.dtype
-    return mx.float32
-
-
-def _resolve_dtype(dtype: DTypeLike) -> mx.Dtype:
-    if isinstance(dtype, mx.Dtype):
-        if dtype in _DTYPES.values():
-            return dtype
-    elif isinstance(dtype, str) and dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
 
 
 def quantizable(group_size: int):
@@ -296,7 +280,7 @@ def prepare(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare() expects an mlx.nn.Module, got {type(model).__name__}")
-    target = _model_dtype(model) if dtype is None else _resolve_dtype(dtype)
+    target = model_dtype(model) if dtype is None else parse_dtype(dtype)
     if quantize is not None and quantize not in QUANT_BITS:
         raise ValueError(f"quantize must be None or one of {QUANT_BITS} bits, got {quantize!r}")
     if group_size not in (32, 64, 128):
@@ -319,9 +303,9 @@ def prepare(
     model.eval()
     if callable(fuse):
         fuse()  # idempotent: folds BatchNorms once, refreshes inference caches
-    cast = target != _model_dtype(model)
+    cast = target != model_dtype(model)
     if cast:
-        model.set_dtype(target)
+        cast_model(model, target)
     if quantize is not None:
         nn.quantize(model, group_size=group_size, bits=quantize, class_predicate=quantizable(group_size))
     if callable(fuse) and (cast or quantize is not None):

@@ -187,6 +187,17 @@ def _scale_rows(w: mx.array, s: mx.array) -> mx.array:
     return w * s.reshape((-1,) + (1,) * (w.ndim - 1)).astype(w.dtype)
 
 
+def _patches(xp: mx.array, kh: int, kw: int, sh: int, sw: int) -> mx.array:
+    """All ``kh x kw`` windows of the (already padded) ``(B, Hp, Wp, C)`` input at stride ``(sh, sw)``.
+
+    A strided view ``(B, Ho, Wo, kh, kw, C)``, no copy: ``[b, i, j, u, v]`` is
+    ``xp[b, i * sh + u, j * sw + v]``.
+    """
+    B, Hp, Wp, C = xp.shape
+    Ho, Wo = (Hp - kh) // sh + 1, (Wp - kw) // sw + 1
+    return mx.as_strided(xp, (B, Ho, Wo, kh, kw, C), (Hp * Wp * C, sh * Wp * C, sw * C, Wp * C, C, 1))
+
+
 def _fusion_boundary(x: mx.array) -> mx.array:
     """``x`` unchanged, but ``mx.compile`` will not fuse across it.
 
@@ -244,8 +255,7 @@ class DepthwiseConv2d(nn.Module):
             Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
             xp = mx.pad(x, [(0, 0), (p, p), (p, p), (0, 0)])
             if B * Ho * Wo * C * k * k <= self.STRIDED_VIEW_MAX:
-                Hp, Wp = H + 2 * p, W + 2 * p
-                taps = mx.as_strided(xp, (B, Ho, Wo, k, k, C), (Hp * Wp * C, s * Wp * C, s * C, Wp * C, C, 1))
+                taps = _patches(xp, k, k, s, s)
                 y = (taps * self.weight.reshape(C, k, k).transpose(1, 2, 0)).sum(axis=(3, 4))
             else:
                 # One split into k*k per-tap weight rows (views), not k*k gathers.
@@ -288,12 +298,10 @@ class Conv2d(nn.Conv2d):
         if native_grouped_conv() or self.groups != 1 or dilation != (1, 1) or C * O > self.IM2COL_MAX_CHANNELS:
             return super().__call__(x)
         (sh, sw), (ph, pw) = self.stride, self.padding
-        B, H, W, _ = x.shape
-        Hp, Wp = H + 2 * ph, W + 2 * pw
-        Ho, Wo = (Hp - kh) // sh + 1, (Wp - kw) // sw + 1
         xp = mx.pad(x, [(0, 0), (ph, ph), (pw, pw), (0, 0)]) if ph or pw else x
-        patches = mx.as_strided(xp, (B, Ho, Wo, kh, kw, C), (Hp * Wp * C, sh * Wp * C, sw * C, Wp * C, C, 1))
-        patches = patches.reshape(B * Ho * Wo, kh * kw * C)
+        windows = _patches(xp, kh, kw, sh, sw)
+        B, Ho, Wo = windows.shape[:3]
+        patches = windows.reshape(B * Ho * Wo, kh * kw * C)
         w = self.weight.reshape(O, kh * kw * C).T
         y = mx.addmm(self.bias, patches, w) if "bias" in self else patches @ w
         return y.reshape(B, Ho, Wo, O)
