@@ -146,7 +146,7 @@ class LiteMLA(nn.Module):
     ``2 * heads * dim`` outputs back to ``channels``.
     """
 
-    def __init__(self, channels: int, dim: int, eps: float, norm_eps: float):
+    def __init__(self, channels: int, dim: int, eps: float, norm_eps: float, kernel_size: int = 5):
         super().__init__()
         heads = channels // dim
         total = heads * dim
@@ -154,7 +154,7 @@ class LiteMLA(nn.Module):
         self.eps = eps
         self.qkv = ConvNorm(channels, 3 * total, 1, norm=False)
         self.aggreg = [[
-            DepthwiseConv2d(3 * total, 5),
+            DepthwiseConv2d(3 * total, kernel_size),
             GroupedPointwise(3 * total, 3 * total, groups=3 * heads),
         ]]
         self.proj = ConvNorm(2 * total, channels, 1, eps=norm_eps)
@@ -177,9 +177,10 @@ class LiteMLA(nn.Module):
 class EfficientViTBlock(nn.Module):
     """LiteMLA (context) then a fewer-norm MBConv (local), each residual."""
 
-    def __init__(self, channels: int, dim: int, expand: float, act: Act, eps: float, attention_eps: float):
+    def __init__(self, channels: int, dim: int, expand: float, act: Act, eps: float, attention_eps: float,
+                 kernel_size: int = 5):
         super().__init__()
-        self.context_module = Residual(LiteMLA(channels, dim, attention_eps, eps), shortcut=True)
+        self.context_module = Residual(LiteMLA(channels, dim, attention_eps, eps, kernel_size), shortcut=True)
         self.local_module = Residual(
             MBConv(channels, channels, 1, expand, act, eps, fewer_norm=True), shortcut=True
         )
