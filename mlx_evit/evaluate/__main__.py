@@ -1,0 +1,8 @@
+"""``python -m mlx_evit.evaluate``: see :mod:`mlx_evit.cli.evaluate`."""
+
+import sys
+
+from ..cli.evaluate import main
+
+if __name__ == "__main__":
+    sys.exit(main())
