@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,6 +35,7 @@ import numpy as np
 
 from .labels import Label, LabelFileError, imagenet_labels, read_labels
 from .inference import prepare
+from .outputs import OutputError, check_output_file
 from .preprocess import EvalTransform, ImageInput, ImageLoadError, eval_transform, load_image
 from .registry import get_pretrained_cfg, split_name
 
@@ -62,7 +61,7 @@ IMAGE_EXTENSIONS = frozenset(
 
 FORMATS = ("text", "json", "jsonl", "csv")
 DTYPES = ("float32", "float16", "bfloat16")
-CSV_COLUMNS = ("file", "model", "rank", "index", "label", "wnid", "score")
+CSV_COLUMNS = ("file", "model", "rank", "index", "label", "wnid", "score", "error")
 
 EXIT_OK, EXIT_IMAGES_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEBUG_ENV = "MLX_EVIT_DEBUG"  # set to 1: unexpected errors raise with their traceback
@@ -393,8 +392,16 @@ def _record(result: Classification, model: str) -> dict[str, Any]:
     return {"file": result.file, "model": model, "top_k": [p.to_dict() for p in result.top_k]}
 
 
+def _failure_record(failure: ImageFailure) -> dict[str, Any]:
+    return {"file": failure.file, "error": failure.message}
+
+
 class _Writer:
-    """Writes results in one format to a text stream (JSON is written at the end, as one list)."""
+    """Writes results in one format to a text stream (JSON is written at the end, as one list).
+
+    Failed images are records too (``{"file", "error"}``; a csv row with only
+    ``file``, ``model`` and ``error``); the text format reports them on stderr only.
+    """
 
     def __init__(self, fmt: str, stream: TextIO, model: str):
         self.fmt, self.stream, self.model = fmt, stream, model
@@ -414,37 +421,22 @@ class _Writer:
             self.stream.write(json.dumps(_record(result, self.model), ensure_ascii=False) + "\n")
         else:
             for rank, p in enumerate(result.top_k, 1):
-                self.csv.writerow((result.file, self.model, rank, p.index, p.label, p.wnid or "", repr(p.score)))
+                self.csv.writerow((result.file, self.model, rank, p.index, p.label, p.wnid or "", repr(p.score), ""))
+        self.stream.flush()
+
+    def fail(self, failure: ImageFailure) -> None:
+        if self.fmt == "json":
+            self.records.append(_failure_record(failure))
+        elif self.fmt == "jsonl":
+            self.stream.write(json.dumps(_failure_record(failure), ensure_ascii=False) + "\n")
+        elif self.fmt == "csv":
+            self.csv.writerow((failure.file, self.model, "", "", "", "", "", failure.message))
         self.stream.flush()
 
     def close(self) -> None:
         if self.fmt == "json":
             self.stream.write(json.dumps(self.records, indent=2, ensure_ascii=False) + "\n")
         self.stream.flush()
-
-
-class _AtomicFile:
-    """A text file written under a temporary name and renamed into place on :meth:`commit`."""
-
-    def __init__(self, path: str):
-        self.path = path
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, self.tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        self.stream = io.open(fd, "w", encoding="utf-8", newline="")
-
-    def commit(self) -> None:
-        self.stream.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o666 & ~umask)
-        os.replace(self.tmp, self.path)
-
-    def discard(self) -> None:
-        self.stream.close()
-        try:
-            os.unlink(self.tmp)
-        except FileNotFoundError:
-            pass
 
 
 class _Progress:
@@ -496,7 +488,16 @@ output formats (--format):
   json   a list of {{"file", "model", "top_k": [{{"index", "label", "wnid", "score"}}]}}
   jsonl  one such record per line
   csv    columns {",".join(CSV_COLUMNS)} (one row per file and rank)
-  scores are softmax probabilities. Unreadable images are reported on stderr.
+  scores are softmax probabilities. Unreadable images are reported on stderr
+  and, in json/jsonl/csv, as records {{"file", "error"}} (csv: the error column).
+
+output (--output):
+  "-" is stdout. A symbolic link is written through (its target gets the
+  results); a terminal, /dev/null or a FIFO is written, never replaced; an
+  input of the run (also through a link) is refused; a replaced file keeps
+  its permissions and hard links; files are written atomically. A run that
+  stops at an unreadable image (no --skip-errors) leaves an existing output
+  file as it was. The target is checked before the model loads.
 
 exit status:
   {EXIT_OK}    every image was classified (with --skip-errors: at least one was)
@@ -545,7 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", "-f", choices=FORMATS, default=None,
         help="output format (default: from the --output extension, else text)",
     )
-    parser.add_argument("--output", "-o", metavar="FILE", help="write the results to FILE (atomically) instead of stdout")
+    parser.add_argument(
+        "--output", "-o", metavar="FILE",
+        help="write the results to FILE (atomically; '-' is stdout) instead of stdout; replaces an existing file",
+    )
     parser.add_argument("--batch-size", "-b", type=_positive_int, default=16, metavar="N", help="images per batch (default 16)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights dtype (default float32)")
     parser.add_argument("--labels", metavar="FILE", help="class names: one per line, or JSON (for fine-tuned models)")
@@ -601,21 +605,22 @@ def _run(args: argparse.Namespace, fmt: str, prog: str, error: Callable[[str], N
 
     stderr = sys.stderr
     files, problems = expand_inputs(args.inputs, args.recursive)
+    try:  # before any long work; classify's --output has always replaced an existing file
+        target = check_output_file(args.output or "-", inputs=_run_inputs(files, args), force=True, option="--output")
+    except OutputError as e:
+        error(str(e))
+        return EXIT_USAGE
     for problem in problems:
         error(problem.message)
     if problems and not args.skip_errors:
+        # stop here; stdout still gets the failures as records (a complete json document)
+        if target.is_stream:
+            _write_failures(target, fmt, problems)
         return EXIT_IMAGES_FAILED
     if not files:
         error("no images to classify")
+        _write_failures(target, fmt, problems)
         return EXIT_IMAGES_FAILED
-    if args.output:
-        parent = os.path.dirname(os.path.abspath(args.output))
-        if os.path.isdir(args.output):
-            error(f"--output {args.output}: is a folder")
-            return EXIT_USAGE
-        if not os.path.isdir(parent):
-            error(f"--output {args.output}: folder {parent} does not exist")
-            return EXIT_USAGE
 
     quiet = args.quiet
     if quiet:
@@ -637,16 +642,18 @@ def _run(args: argparse.Namespace, fmt: str, prog: str, error: Callable[[str], N
         return EXIT_USAGE
 
     try:
-        sink = _AtomicFile(args.output) if args.output else None
-    except OSError as e:
-        error(f"--output {args.output}: cannot write ({e.strerror or e})")
+        sink = target.open()
+    except OutputError as e:
+        error(str(e))
         return EXIT_USAGE
-    writer = _Writer(fmt, sink.stream if sink else sys.stdout, classifier.name)
-    machine_stdout = fmt != "text" and not args.output
+    writer = _Writer(fmt, sink.stream, classifier.name)
+    machine_stdout = fmt != "text" and target.is_stream
     show = not quiet and len(files) > args.batch_size and (stderr.isatty() or not machine_stdout)
     progress = _Progress(len(files), stderr, show)
     failed = classified = 0
     try:
+        for problem in problems:
+            writer.fail(problem)
         results = classifier.classify_files(
             files, top_k=args.top_k, batch_size=args.batch_size, progress=progress.update
         )
@@ -654,6 +661,7 @@ def _run(args: argparse.Namespace, fmt: str, prog: str, error: Callable[[str], N
             if isinstance(result, ImageFailure):
                 progress.clear()
                 error(result.message)
+                writer.fail(result)
                 failed += 1
                 if not args.skip_errors:
                     results.close()
@@ -662,20 +670,41 @@ def _run(args: argparse.Namespace, fmt: str, prog: str, error: Callable[[str], N
                 writer.write(result)
                 classified += 1
         stopped = failed and not args.skip_errors
-        if not stopped:
-            writer.close()
+        writer.close()
     except BaseException:
-        if sink:
-            sink.discard()
+        sink.discard()
         raise
-    if sink:
-        if stopped:
-            sink.discard()
-        else:
+    if stopped:
+        sink.discard()  # a file output stays as it was; a stream has the records up to the failure
+    else:
+        try:
             sink.commit()
+        except OutputError as e:
+            error(str(e))
+            return EXIT_USAGE
     if stopped or (problems or failed) and not classified:
         return EXIT_IMAGES_FAILED
     return EXIT_OK
+
+
+def _run_inputs(files: Sequence[str], args: argparse.Namespace) -> list[str]:
+    """Every file the run reads: images, weights (a folder's files too) and labels; none may be the output."""
+    inputs = list(files)
+    for path in (args.weights, args.labels):
+        if path:
+            inputs.append(path)
+            if os.path.isdir(path):
+                inputs.extend(os.path.join(path, name) for name in os.listdir(path))
+    return inputs
+
+
+def _write_failures(target: Any, fmt: str, failures: Sequence[ImageFailure]) -> None:
+    """Only failures to report (no model loaded): write them as the whole output."""
+    with target.open() as sink:
+        writer = _Writer(fmt, sink.stream, "")
+        for failure in failures:
+            writer.fail(failure)
+        writer.close()
 
 
 if __name__ == "__main__":

@@ -293,7 +293,11 @@ def test_bad_inputs_are_reported_and_skipped(b0, bad_inputs, capsys):
     args = [str(bad_inputs[k]) for k in order] + ["--weights", str(b0), "--skip-errors", "-f", "jsonl", "-b", "2"]
     code, out, err = _run_cli("inprocess", args, capsys)
     assert code == 0, err
-    assert [json.loads(line)["file"] for line in out.splitlines()] == [str(bad_inputs["good"])]
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["file"] for r in records if "top_k" in r] == [str(bad_inputs["good"])]
+    # the failures are records too (issue 13), the missing file first (found before the model runs)
+    failed = [r["file"] for r in records if "error" in r]
+    assert failed == [str(bad_inputs[k]) for k in ("missing", "text", "truncated", "bomb")]
     lines = err.strip().splitlines()
     assert "Traceback" not in err
     for key, message in EXPECTED_MESSAGES.items():
@@ -308,7 +312,9 @@ def test_bad_input_without_skip_errors_fails(b0, bad_inputs, bad, capsys):
     code, out, err = _run_cli("inprocess", args, capsys)
     assert code == 1
     assert EXPECTED_MESSAGES[bad] in err and str(bad_inputs[bad]) in err and "Traceback" not in err
-    assert len(out.splitlines()) <= 1  # stops at the bad file (a missing one is caught before loading the model)
+    # stops at the bad file, which is the last record (a missing one is caught before loading the model)
+    records = [json.loads(line) for line in out.splitlines()]
+    assert len(records) <= 2 and records[-1]["file"] == str(bad_inputs[bad]) and "error" in records[-1]
 
 
 def test_only_bad_inputs_with_skip_errors_fail(b0, bad_inputs, capsys):
