@@ -18,7 +18,7 @@ from PIL import Image
 
 from torch_utils import randomize_
 
-PHOTOS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "images"
+PHOTOS_DIR = Path(__file__).resolve().parent / "data" / "images"
 PHOTOS = sorted(p for p in PHOTOS_DIR.iterdir() if p.suffix in (".png", ".jpg"))
 
 

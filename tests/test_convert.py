@@ -35,6 +35,7 @@ import timm  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from timm.models import save_for_hf  # noqa: E402
 from torch_utils import randomize_, torch_forward  # noqa: E402
+import synthetic  # noqa: E402
 
 from mlx_evit import convert, create_model, load, save_model
 from mlx_evit.checkpoint import CheckpointError, read_checkpoint
@@ -46,7 +47,7 @@ from mlx.utils import tree_flatten
 torch.set_num_threads(2)
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures"
+FIXTURES = synthetic.FIXTURES
 CONVERT_MODULE = importlib.import_module("mlx_evit.convert")  # the package attribute is the function
 TOL = dict(atol=1e-4, rtol=1e-4)
 
@@ -223,24 +224,30 @@ def test_detects_msra_variant_from_both_key_tables(msra_tables):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stem, name, layout", [
-    ("mit_efficientvit_b0_r224_random", "efficientvit_b0", "mit-han-lab (B series)"),
-    ("msra_efficientvit_m0_r224_random", "efficientvit_m0", "original (microsoft/Cream)"),
+@pytest.mark.parity
+@pytest.mark.parametrize("stem, wrapper, suffix, name, layout", [
+    ("mit_b0_cls", "state_dict", ".pt", "efficientvit_b0", "mit-han-lab (B series)"),
+    ("msra_m0_cls", "model", ".pth", "efficientvit_m0", "original (microsoft/Cream)"),
 ])
-def test_shared_fixture_converts_to_reference_logits(stem, name, layout, tmp_path, capsys):
-    src = next(FIXTURES.glob(f"{stem}.pt*"))
-    ref = np.load(FIXTURES / f"{stem}_reference.npz")
-    x = ref["input_nchw"].transpose(0, 2, 3, 1)
+def test_original_fixture_converts_to_reference_logits(stem, wrapper, suffix, name, layout, tmp_path, capsys):
+    """Synthetic weights in the published torch.save layout convert to the original code's logits."""
+    state = {k: torch.from_numpy(v) for k, v in synthetic.state_dict(synthetic.keys_file(f"{stem}_keys.json")).items()}
+    src = tmp_path / f"{stem}{suffix}"
+    torch.save({wrapper: state}, src)
+    ref = synthetic.fixture(stem)
+    x = synthetic.nhwc(synthetic.synthetic_normal(f"input/{stem}/x224", (2, 3, 224, 224)))
+    want = ref["x224_logits"]
+    tol = dict(rtol=0, atol=1e-5 * float(np.abs(want).max()))
     assert main([str(src), str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     assert f"{name}.r224_in1k ({layout} layout" in printed and "parameters:" in printed and "MB on disk" in printed
     for fuse in (True, False):
         model = load(tmp_path / "out", fuse=fuse)
-        diff = np.abs(_logits(model, x) - ref["logits"]).max()
+        diff = np.abs(_logits(model, x) - want).max()
         print(f"{name} fixture (fuse={fuse}): max |logits - reference| {diff:.2e}")
-        np.testing.assert_allclose(_logits(model, x), ref["logits"], **TOL)
+        np.testing.assert_allclose(_logits(model, x), want, **tol)
     # In memory, straight from the checkpoint.
-    np.testing.assert_allclose(_logits(load(src), x), ref["logits"], **TOL)
+    np.testing.assert_allclose(_logits(load(src), x), want, **tol)
 
 
 # ---------------------------------------------------------------------------

@@ -32,10 +32,11 @@ from mlx.utils import tree_flatten
 import timm  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch_utils import randomize_, state_dict_numpy, torch_forward  # noqa: E402
+import synthetic  # noqa: E402
 
 torch.set_num_threads(2)
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures")
+FIXTURES = str(synthetic.FIXTURES)
 VARIANTS = ("b0", "b1", "b2", "b3", "l1", "l2", "l3")
 # Second resolution per variant (the first is 224) and batch size (1 for the heavy L models).
 SECOND_RES = {"b0": 256, "b1": 288, "b2": 256, "b3": 288, "l1": 256, "l2": 288, "l3": 256}
@@ -154,6 +155,7 @@ def test_original_keys_map_to_timm_keys(variant):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_logits_match_timm(zoo, variant):
     """Unfused, then BN-folded, at 224 and a second resolution, against timm (same weights)."""
@@ -177,6 +179,7 @@ def test_logits_match_timm(zoo, variant):
         zoo.release(variant)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("variant", ["b1", "l1"])
 def test_odd_input_size_features_and_logits(zoo, variant):
     """200x232 (odd maps after stride 8): stage maps and logits agree with timm."""
@@ -199,6 +202,7 @@ def test_odd_input_size_features_and_logits(zoo, variant):
     np.testing.assert_allclose(logits, t_logits.numpy(), **TOL)
 
 
+@pytest.mark.parity
 def test_create_model_from_timm_safetensors(zoo, tmp_path):
     path = str(tmp_path / "model.safetensors")
     save_file({k: v.contiguous() for k, v in zoo.model("b0").state_dict().items()}, path)
@@ -215,33 +219,53 @@ def test_create_model_from_timm_safetensors(zoo, tmp_path):
 # ---------------------------------------------------------------------------
 
 
+MIT_B0_CASES = {"x224": (2, 224, 224), "x160x192": (2, 160, 192), "x128": (2, 128, 128), "x200x232": (1, 200, 232)}
+
+
 def _original_b0_state() -> dict[str, torch.Tensor]:
-    ckpt = torch.load(os.path.join(FIXTURES, "mit_efficientvit_b0_r224_random.pt"), weights_only=True)
-    return ckpt["state_dict"]
+    """The fixture's synthetic B0 (mit-han-lab layout), as torch tensors."""
+    keys = synthetic.keys_file("mit_b0_cls_keys.json")
+    return {k: torch.from_numpy(v) for k, v in synthetic.state_dict(keys).items()}
 
 
-def test_original_b0_fixture_reproduces_reference_logits():
-    """The original-layout B0 fixture (a ``{"state_dict": ...}`` torch pickle) loads through
-    create_model with eps 1e-15 implied by its layout and gives the original code's logits."""
-    ref = np.load(os.path.join(FIXTURES, "mit_efficientvit_b0_r224_random_reference.npz"))
-    x = mx.array(ref["input_nchw"].transpose(0, 2, 3, 1))
-    model = create_model("efficientvit_b0", pretrained=os.path.join(FIXTURES, "mit_efficientvit_b0_r224_random.pt"))
+@pytest.fixture(scope="module")
+def original_b0_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("mit_b0") / "efficientvit_b0_synthetic.pt"
+    torch.save({"state_dict": _original_b0_state()}, path)
+    return str(path)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("case", list(MIT_B0_CASES))
+def test_original_b0_fixture_reproduces_reference_logits(case, original_b0_file):
+    """The original-layout B0 (a ``{"state_dict": ...}`` torch pickle) loads through create_model
+    with eps 1e-15 implied by its layout and gives the original code's logits and stage-4 map at
+    square, non-square, odd and quadratic-branch (x128) sizes."""
+    ref = synthetic.fixture("mit_b0_cls")
+    b, h, w = MIT_B0_CASES[case]
+    x = mx.array(synthetic.nhwc(synthetic.synthetic_normal(f"input/mit_b0_cls/{case}", (b, 3, h, w))))
+    want, want_final = ref[f"{case}_logits"], synthetic.nhwc(ref[f"{case}_stage_final"])
+    tol = dict(rtol=0, atol=1e-5 * float(np.abs(want).max()))
+    model = create_model("efficientvit_b0", pretrained=original_b0_file)
     assert model.arch_args["attention_eps"] == 1e-15
     out = np.array(model(x))
-    diff = _max_diff(out, ref["logits"])
-    print(f"original B0 fixture: max |diff| {diff:.2e} (|logits| <= {np.abs(ref['logits']).max():.2f})")
-    np.testing.assert_allclose(out, ref["logits"], **TOL)
+    diff = _max_diff(out, want)
+    print(f"original B0 fixture {case}: max |diff| {diff:.2e} (|logits| <= {np.abs(want).max():.2f})")
+    np.testing.assert_allclose(out, want, **tol)
+    final = np.array(model.forward_features(x)[-1])
+    np.testing.assert_allclose(final, want_final, rtol=0, atol=1e-5 * float(np.abs(want_final).max()))
 
-    # The same weights (read by torch) with timm's eps are measurably further from the original code.
-    timm_eps = build_model("efficientvit_b0").eval()
-    state = {k: v.numpy() for k, v in _original_b0_state().items()}
-    assert load_state_dict(timm_eps, state) is ORIGINAL_LAYOUT
-    assert _max_diff(timm_eps(x), ref["logits"]) > 5 * diff
+    if case == "x224":
+        # The same weights with timm's eps are measurably further from the original code.
+        timm_eps = build_model("efficientvit_b0").eval()
+        state = {k: v.numpy() for k, v in _original_b0_state().items()}
+        assert load_state_dict(timm_eps, state) is ORIGINAL_LAYOUT
+        assert _max_diff(timm_eps(x), want) > 5 * diff
 
     model.fuse()
-    fused_diff = _max_diff(model(x), ref["logits"])
-    print(f"original B0 fixture, BN folded: max |diff| {fused_diff:.2e}")
-    np.testing.assert_allclose(np.array(model(x)), ref["logits"], **TOL)
+    fused_diff = _max_diff(model(x), want)
+    print(f"original B0 fixture {case}, BN folded: max |diff| {fused_diff:.2e}")
+    np.testing.assert_allclose(np.array(model(x)), want, **tol)
 
 
 def _to_original_keys(state: dict[str, torch.Tensor], variant: str) -> dict[str, torch.Tensor]:
@@ -251,6 +275,7 @@ def _to_original_keys(state: dict[str, torch.Tensor], variant: str) -> dict[str,
     return {to_orig[k]: v.contiguous() for k, v in state.items()}
 
 
+@pytest.mark.parity
 def test_original_large_layout_uses_original_constants(tmp_path):
     """An L1 checkpoint in the original layout gets attention eps 1e-15 and head BN eps 1e-7.
 

@@ -28,10 +28,11 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 F = torch.nn.functional
 from torch_utils import randomize_, state_dict_numpy, torch_forward  # noqa: E402
+import synthetic  # noqa: E402
 
 torch.set_num_threads(2)
 
-FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures"
+FIXTURES = synthetic.FIXTURES
 VARIANTS = [f"efficientvit_m{i}" for i in range(6)]
 TOL = dict(atol=1e-4, rtol=1e-4)
 
@@ -71,6 +72,7 @@ def _resized_for(state: dict, target_model) -> dict:
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("name", VARIANTS)
 def test_variant_matches_timm(name):
     ref_model = _timm(name)
@@ -83,6 +85,7 @@ def test_variant_matches_timm(name):
     np.testing.assert_allclose(_run(model, x), ref, **TOL)
 
 
+@pytest.mark.parity
 def test_stage_features_match_timm():
     ref_model = _timm("efficientvit_m0")
     model = _mlx("efficientvit_m0", state_dict_numpy(ref_model))
@@ -95,6 +98,7 @@ def test_stage_features_match_timm():
         np.testing.assert_allclose(np.array(f), r.numpy().transpose(0, 2, 3, 1), **TOL)
 
 
+@pytest.mark.parity
 def test_pooled_features_without_head():
     ref_model = _timm("efficientvit_m1")
     state = {k: v for k, v in state_dict_numpy(ref_model).items() if not k.startswith("head.")}
@@ -123,23 +127,34 @@ def test_se_weights_stored_2d_or_4d():
 # ---------------------------------------------------------------------------
 
 
+def _original_m0_state() -> dict[str, np.ndarray]:
+    """The fixture's synthetic M0 in microsoft/Cream's layout (with attention_bias_idxs buffers)."""
+    return synthetic.state_dict(synthetic.keys_file("msra_m0_cls_keys.json"))
+
+
+@pytest.mark.parity
 def test_original_fixture_reproduces_reference_logits():
-    ckpt = torch.load(FIXTURES / "msra_efficientvit_m0_r224_random.pth", map_location="cpu", weights_only=True)
-    state = {k: v.numpy() for k, v in ckpt["model"].items()}
-    ref = np.load(FIXTURES / "msra_efficientvit_m0_r224_random_reference.npz")
+    """Cream's own logits and pooled features for the synthetic M0, unfused and fused."""
+    state = _original_m0_state()
+    ref = synthetic.fixture("msra_m0_cls")
+    want = ref["x224_logits"]
+    tol = dict(rtol=0, atol=1e-5 * float(np.abs(want).max()))
     model = build_model("efficientvit_m0")
     layout = load_state_dict(model, state)
     assert layout is ORIGINAL_LAYOUT
     model.eval()
-    x = ref["input_nchw"].transpose(0, 2, 3, 1)
+    x = synthetic.nhwc(synthetic.synthetic_normal("input/msra_m0_cls/x224", (2, 3, 224, 224)))
     out = _run(model, x)
-    diff = np.abs(out - ref["logits"]).max()
+    diff = np.abs(out - want).max()
     print(f"original fixture M0: max |logits - reference| = {diff:.3g} (unfused)")
-    np.testing.assert_allclose(out, ref["logits"], **TOL)
+    np.testing.assert_allclose(out, want, **tol)
+    features = np.array(model.forward_features(mx.array(x))[-1].mean(axis=(1, 2)))
+    feat_ref = ref["x224_features"]
+    np.testing.assert_allclose(features, feat_ref, rtol=0, atol=1e-5 * float(np.abs(feat_ref).max()))
     model.fuse()
     out = _run(model, x)
-    print(f"original fixture M0: max |logits - reference| = {np.abs(out - ref['logits']).max():.3g} (fused)")
-    np.testing.assert_allclose(out, ref["logits"], **TOL)
+    print(f"original fixture M0: max |logits - reference| = {np.abs(out - want).max():.3g} (fused)")
+    np.testing.assert_allclose(out, want, **tol)
 
 
 @pytest.mark.parametrize("variant", [f"m{i}" for i in range(6)])
@@ -173,6 +188,7 @@ def test_original_layout_names():
     assert ORIGINAL_LAYOUT.target("blocks1.0.mixer.m.attn.attention_bias_idxs") is None
 
 
+@pytest.mark.parity
 def test_distillation_head_is_averaged():
     ref_model = _timm("efficientvit_m0")
     dist = randomize_(type(ref_model.head)(192, 1000), seed=5)
@@ -196,6 +212,7 @@ def test_distillation_head_is_averaged():
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.parity
 def test_bias_resize_matches_torch_interpolate():
     rng = np.random.default_rng(0)
     for s1, s2 in [(4, 5), (4, 6), (4, 7), (7, 6), (4, 3), (2, 9)]:
@@ -323,8 +340,7 @@ def test_wrong_checkpoints_name_keys():
     err = _error(model, extra)
     assert err.unexpected == ["stages.2.blocks.7.dw0.m.conv.weight"]
 
-    orig = torch.load(FIXTURES / "msra_efficientvit_m0_r224_random.pth", map_location="cpu", weights_only=True)["model"]
-    orig = {k: v.numpy() for k, v in orig.items() if k != "blocks3.1.se.fc1.bias"}
+    orig = {k: v for k, v in _original_m0_state().items() if k != "blocks3.1.se.fc1.bias"}
     err = _error(model, orig)
     assert "original" in str(err) and err.missing == ["stages.2.downsample.patchmerge.se.fc1.bias"]
 
