@@ -137,8 +137,8 @@ def _images_under(folder: str) -> list[str]:
     found = []
     for top, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(os.path.join(top, n) for n in sorted(names) if _is_image(n))
-    return found
+        found.extend(os.path.join(top, n) for n in names if _is_image(n))
+    return sorted(found)
 
 
 def _is_image(name: str) -> bool:
