@@ -27,10 +27,7 @@ import argparse
 import functools
 import json
 import os
-import shutil
 import sys
-import tempfile
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -788,7 +785,9 @@ def save_model(
         mx.save_safetensors(str(folder / WEIGHTS_NAME), params, metadata={"format": "mlx"})
         _write_text(folder / CONFIG_NAME, text)
 
-    return _write_atomically(Path(out_dir), write, force)
+    from .outputs import OutputDir
+
+    return _write_atomically(out_dir if isinstance(out_dir, OutputDir) else Path(out_dir), write, force)
 
 
 def _registry_name(arch: str, pretrained_cfg: Optional[Mapping[str, Any]]) -> str:
@@ -805,42 +804,29 @@ def _write_text(path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-def _check_target(out: Path, force: bool) -> None:
-    """Refuse an existing ``out`` unless ``force`` and it is replaceable."""
-    if not (out.exists() or out.is_symlink()):
-        return
-    if not force:
-        raise ConversionError(f"{out} already exists; pass --force (force=True) to replace it")
-    if out.is_symlink() or not out.is_dir():
-        raise ConversionError(f"{out} exists and is not a directory; not replacing it")
-    if any(out.iterdir()) and _mlx_config_path(out) is None:
-        raise ConversionError(f"{out} is a non-empty folder that is not an MLX model directory; not replacing it")
+def _check_target(out: Path, force: bool, inputs: Sequence[PathLike] = ()) -> "OutputDir":
+    """Refuse an existing ``out`` unless ``force`` and it is an MLX model directory (or empty), or when
+    it is or holds an input; a symbolic link is followed (its target is replaced)."""
+    from .outputs import OutputError, check_output_dir
 
-
-def _write_atomically(out: Path, write: Callable[[Path], None], force: bool) -> Path:
-    """Run ``write(tmp)`` on a fresh temporary folder beside ``out``, then rename it to ``out``."""
-    _check_target(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        write(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        if out.exists():
-            _check_target(out, force)
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except BaseException:
-                os.rename(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        return check_output_dir(out, inputs, force, marker=lambda p: _mlx_config_path(p) is not None,
+                                describe="an MLX model directory", option="", allow_empty=False)
+    except OutputError as e:
+        raise ConversionError(str(e)) from None
+
+
+def _write_atomically(out: Union[Path, "OutputDir"], write: Callable[[Path], None], force: bool) -> Path:
+    """Run ``write(tmp)`` on a fresh folder beside ``out``, then swap it in (:func:`mlx_evit.outputs.atomic_directory`)."""
+    from .outputs import OutputError, atomic_directory
+
+    target = out if not isinstance(out, Path) else _check_target(out, force)
+    try:
+        with atomic_directory(target) as tmp:
+            write(tmp)
+    except OutputError as e:
+        raise ConversionError(str(e)) from None
+    return Path(target.given)
 
 
 def convert(
@@ -867,7 +853,7 @@ def convert(
     """
     target = parse_dtype(dtype)
     out = Path(out_dir)
-    _check_target(out, force)  # fail before the expensive part
+    checked = _check_target(out, force, inputs=[src])  # fail before the expensive part; never over SRC
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         source = _open(src, model, log=log)
@@ -884,7 +870,7 @@ def convert(
         record["wrapper"] = info.wrapper
     if log:
         log(f"writing {out} ({_dtype_name(target)})")
-    save_model(net, out, labels=source.labels, source=record, force=force)
+    save_model(net, checked, labels=source.labels, source=record, force=force)
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     return ConversionResult(
         out_dir=out,

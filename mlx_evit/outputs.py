@@ -475,6 +475,7 @@ class OutputDir:
     option: str = "output"
     marker: Marker = field(default=None, repr=False)
     describe: str = "an output folder of this command"
+    allow_empty: bool = True
     _inputs: _Inputs = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
     _written: set = field(default_factory=set, repr=False, compare=False)
 
@@ -529,12 +530,13 @@ def check_output_dir(
     marker: Marker = None,
     describe: str = "an output folder of this command",
     option: str = "output",
+    allow_empty: bool = True,
 ) -> OutputDir:
     """Validate an output folder before the work; returns the :class:`OutputDir` to write later.
 
     A missing folder is created when written (its parents too; the nearest
     existing one must be a writable folder). An existing empty folder is
-    used. A non-empty one needs ``force``, and with a ``marker`` (a file name
+    used (with ``allow_empty=False`` it needs ``force`` too). A non-empty one needs ``force``, and with a ``marker`` (a file name
     that must be in it, or a predicate on its path) it must be one of the
     command's outputs (``describe`` names that in the message). The folder
     must not be an input nor hold one. Raises :class:`OutputError`.
@@ -552,7 +554,8 @@ def check_output_dir(
     if lst is not None and st is None:
         raise error("is a broken symbolic link")
     real = Path(os.path.realpath(given))
-    args = dict(force=force, option=option, marker=marker, describe=describe, _inputs=inputs_)
+    args = dict(force=force, option=option, marker=marker, describe=describe, allow_empty=allow_empty,
+                _inputs=inputs_)
     if st is None:
         ancestor = real.parent
         while not ancestor.exists():
@@ -570,10 +573,11 @@ def check_output_dir(
         raise error(f"holds an input of this run ({which}); not writing into it")
     if not os.access(real, os.W_OK | os.X_OK):
         raise error("is not writable")
-    if any(real.iterdir()):
+    non_empty = any(real.iterdir())
+    if non_empty or not allow_empty:
         if not force:
-            raise error("already exists and is not empty; pass --force to replace it")
-        if not _is_marked(real, marker):
+            raise error("already exists; pass --force to replace it")
+        if non_empty and not _is_marked(real, marker):
             raise error(f"is a non-empty folder that is not {describe}; not replacing it")
     return OutputDir(given, real, existed=True, **args)
 
@@ -608,7 +612,8 @@ def atomic_directory(target: Union[OutputDir, PathLike], **check: Any) -> Iterat
         st = _stat(dest)
         if st is not None:
             # re-check: it may have changed during the work
-            check_output_dir(dest, out._inputs, out.force, marker=out.marker, describe=out.describe, option=out.option)
+            check_output_dir(dest, out._inputs, out.force, marker=out.marker, describe=out.describe,
+                             option=out.option, allow_empty=out.allow_empty or out.existed)
             os.chmod(tmp, stat.S_IMODE(st.st_mode))
             old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(dest, old)

@@ -359,3 +359,14 @@ def test_atomic_directory(tmp_path):
     with atomic_directory(link, force=True, marker="config.json") as tmp:
         (tmp / "config.json").write_text("4")
     assert link.is_symlink() and (out / "config.json").read_text() == "4"
+
+
+def test_output_dir_allow_empty_false_needs_force_even_when_empty(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(OutputError, match="--force"):
+        check_output_dir(empty, allow_empty=False)
+    out = check_output_dir(empty, allow_empty=False, force=True, marker="config.json")
+    with atomic_directory(out) as tmp:
+        (tmp / "x").write_text("x")
+    assert (empty / "x").read_text() == "x"
