@@ -21,6 +21,19 @@ stays as pretrained (the model runs in eval mode), which is what a small
 data set can support. The result is an MLX model directory (weights,
 config, class names) for ``mlx_evit.load`` and
 ``python -m mlx_evit.classify --weights OUT_DIR``.
+
+Data parallel on several processes or Macs, under ``mlx.launch``:
+
+    mlx.launch -n 2 python examples/finetune.py DATA_DIR --output my_model --model seed
+    mlx.launch --hostfile hosts.json --backend ring python examples/finetune.py DATA_DIR --output my_model
+
+Every rank reads the same split and shuffle (same ``--seed``) and takes its
+share of every global batch of ``--batch-size`` images; the gradients are
+averaged across ranks (the loss is the mean over the global batch), so the
+weights follow those of one process to float32 round-off (BatchNorm
+excepted: its batch statistics are each rank's own, and the running
+statistics are averaged at the end of each epoch). Rank 0 saves. A rank
+that fails stops all of them before anything is saved.
 """
 
 from __future__ import annotations
@@ -28,6 +41,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -37,14 +51,16 @@ import numpy as np
 from PIL import Image
 
 import mlx_evit  # first: it sets up BLAS for mlx.core
+from mlx_evit.evaluate.distributed import RankFailure, Ranks, shard_bounds
 from mlx_evit.hub import HubError, pretrained_dir
+from mlx_evit.outputs import check_output_dir
 from mlx_evit.preprocess import INTERPOLATIONS, ImageLoadError, eval_transform, load_image
 from mlx_evit.registry import IMAGENET_MEAN, IMAGENET_STD, get_entry
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -132,18 +148,27 @@ def normalize(pixels: np.ndarray, cfg: dict) -> np.ndarray:
 
 
 def train_batches(
-    samples: list[Sample], cfg: dict, batch_size: int, rng: np.random.Generator
+    samples: list[Sample], cfg: dict, batch_size: int, rng: np.random.Generator, shard: tuple[int, int] = (0, 1)
 ) -> Iterator[tuple[mx.array, mx.array]]:
-    """One epoch of augmented batches ``(B, H, W, 3)``, labels ``(B,)``; the last partial batch is dropped."""
+    """One epoch of augmented batches ``(B, H, W, 3)``, labels ``(B,)``; the last partial batch is dropped.
+
+    ``shard = (rank, ranks)``: this rank's contiguous share of each global
+    batch of ``batch_size``. Every rank draws the same shuffle and one seed
+    per image from ``rng``, so an image gets the same augmentation whichever
+    rank loads it.
+    """
     height, width = cfg["input_size"][-2:]
     resample = INTERPOLATIONS[cfg.get("interpolation", "bicubic")]
     order = rng.permutation(len(samples))
+    seeds = rng.integers(0, 2**63 - 1, size=len(samples))
+    lo, hi = shard_bounds(batch_size, shard[1], shard[0])
     for start in range(0, len(order) - batch_size + 1, batch_size):
         images, labels = [], []
-        for i in order[start : start + batch_size]:
-            path, label = samples[i]
-            crop = np.asarray(random_resized_crop(load_image(path), (width, height), rng, resample=resample))
-            images.append(crop[:, ::-1] if rng.random() < 0.5 else crop)  # horizontal flip
+        for position in range(start + lo, start + hi):
+            path, label = samples[order[position]]
+            image_rng = np.random.default_rng(seeds[position])
+            crop = np.asarray(random_resized_crop(load_image(path), (width, height), image_rng, resample=resample))
+            images.append(crop[:, ::-1] if image_rng.random() < 0.5 else crop)  # horizontal flip
             labels.append(label)
         yield mx.array(normalize(np.stack(images), cfg)), mx.array(labels)
 
@@ -219,23 +244,37 @@ def progress(epoch: int, epochs: int, step: int, steps: int, loss: float, acc: f
           end="", file=sys.stderr, flush=True)
 
 
-def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int) -> float:
-    """Top-1 accuracy of ``model`` (in eval mode) on preprocessed images."""
+def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int,
+             ranks: Optional[Ranks] = None) -> float:
+    """Top-1 accuracy of ``model`` (in eval mode) on preprocessed images.
+
+    With ``ranks``, ``images`` are this rank's shard and the counts are summed over the ranks.
+    """
     correct = 0
     for start in range(0, len(images), batch_size):
         logits = model(mx.array(images[start : start + batch_size]))
         correct += (mx.argmax(logits, axis=-1) == mx.array(labels[start : start + batch_size])).sum().item()
-    return correct / len(images)
+    if ranks is None:
+        return correct / len(images)
+    correct, total = ranks.all_sum(np.array([correct, len(images)], np.int32)).tolist()
+    return correct / total
 
 
 def train(model: nn.Module, train_set: list[Sample], val_set: list[Sample], cfg: dict,
-          args: argparse.Namespace, rng: np.random.Generator) -> float:
-    """Train in place; returns the final validation accuracy."""
+          args: argparse.Namespace, rng: np.random.Generator, ranks: Optional[Ranks] = None) -> float:
+    """Train in place; returns the final validation accuracy.
+
+    ``ranks``: data parallel over ``mx.distributed`` ranks (default: one). Raises
+    ``ImageLoadError`` on the rank that could not read an image, :class:`RankFailure` on the others.
+    """
+    ranks = ranks if ranks is not None else Ranks(mx.distributed.init())
     classifier = submodule(model, CLASSIFIER[get_entry(model.arch_name).family])
     if args.head_only:
         model.freeze()
         classifier.unfreeze()
     batch_size = min(args.batch_size, len(train_set))
+    if batch_size < ranks.size:
+        raise ValueError(f"--batch-size {batch_size} is smaller than the {ranks.size} ranks; each needs an image")
     steps = len(train_set) // batch_size
     # Learning rate: linear warm-up over the first epoch, then a cosine decay to 1% of the peak.
     lr, warmup = args.lr, steps if args.epochs > 1 else 0
@@ -243,24 +282,33 @@ def train(model: nn.Module, train_set: list[Sample], val_set: list[Sample], cfg:
     if warmup:
         schedule = optim.join_schedules([optim.linear_schedule(lr / 100, lr, warmup), schedule], [warmup])
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=args.weight_decay)
-    val_images, val_labels = eval_arrays(val_set, cfg)
+    lo, hi = shard_bounds(len(val_set), ranks.size, ranks.rank)  # each rank validates its share
+    problem = None
+    try:
+        val_images, val_labels = eval_arrays(val_set[lo:hi], cfg) if hi > lo else (np.zeros((0, 1, 1, 3)), [])
+    except ImageLoadError as e:
+        problem = e
+    check_ranks(ranks, problem)
+    # The mean over the global batch: each rank's sum, scaled by ranks / batch, then averaged across ranks.
+    scale = ranks.size / batch_size
 
     def loss_fn(x, y):
         logits = model(x)
-        loss = nn.losses.cross_entropy(logits, y, label_smoothing=0.1, reduction="mean")
-        return loss, (mx.argmax(logits, axis=-1) == y).mean()
+        loss = nn.losses.cross_entropy(logits, y, label_smoothing=0.1, reduction="sum") * scale
+        return loss, (mx.argmax(logits, axis=-1) == y).sum()
 
     state = [model.state, optimizer.state]
 
     def step(x, y):
-        (loss, acc), grads = nn.value_and_grad(model, loss_fn)(x, y)
-        optimizer.update(model, grads)
-        return loss, acc
+        (loss, correct), grads = nn.value_and_grad(model, loss_fn)(x, y)
+        optimizer.update(model, nn.average_gradients(grads))  # a no-op on one rank
+        return loss, correct
 
     # On the GPU, compiling fuses the elementwise work between convolutions and matmuls. The CPU
     # backend builds fused kernels with a C++ compiler on first use (a minute or more for a
     # training step) and gains nothing measurable from them, so the step runs eagerly there.
-    if mx.default_device().type == mx.DeviceType.gpu:
+    # Under mlx.launch the step runs eagerly too (the gradient all-reduce stays outside mx.compile).
+    if mx.default_device().type == mx.DeviceType.gpu and not ranks.distributed:
         step = partial(mx.compile, inputs=state, outputs=state)(step)
 
     accuracy = 0.0
@@ -268,15 +316,47 @@ def train(model: nn.Module, train_set: list[Sample], val_set: list[Sample], cfg:
         # Full fine-tuning: BatchNorm uses and updates batch statistics. Head only: frozen network.
         model.train(not args.head_only)
         total_loss = total_acc = 0.0
-        for i, (x, y) in enumerate(train_batches(train_set, cfg, batch_size, rng), 1):
-            loss, acc = step(x, y)
+        batches = train_batches(train_set, cfg, batch_size, rng, (ranks.rank, ranks.size))
+        for i in range(1, steps + 1):
+            try:
+                x, y = next(batches)
+                problem = None
+            except ImageLoadError as e:
+                problem = e
+            check_ranks(ranks, problem)  # every rank learns of a failure before the gradients are exchanged
+            loss, correct = step(x, y)
             mx.eval(state)
-            total_loss, total_acc = total_loss + loss.item(), total_acc + acc.item()
-            progress(epoch, args.epochs, i, steps, total_loss / i, total_acc / i)
+            loss, correct = ranks.all_sum(np.array([loss.item(), correct.item()], np.float32)).tolist()
+            total_loss, total_acc = total_loss + loss / ranks.size, total_acc + correct / batch_size
+            if ranks.rank == 0:
+                progress(epoch, args.epochs, i, steps, total_loss / i, total_acc / i)
         model.eval()
-        accuracy = evaluate(model, val_images, val_labels, batch_size)
-        print(f" val acc {accuracy:.3f}", file=sys.stderr, flush=True)
+        if ranks.distributed and not args.head_only:
+            average_batch_norm_statistics(model, ranks)
+        accuracy = evaluate(model, val_images, val_labels, batch_size, ranks)
+        if ranks.rank == 0:
+            print(f" val acc {accuracy:.3f}", file=sys.stderr, flush=True)
     return accuracy
+
+
+def check_ranks(ranks: Ranks, problem: Optional[Exception]) -> None:
+    """A synchronisation point of all ranks: re-raises this rank's ``problem``, else :class:`RankFailure`
+    if another rank reports one."""
+    try:
+        ranks.check(str(problem) if problem else None)
+    except RankFailure:
+        if problem:
+            raise problem from None
+        raise
+
+
+def average_batch_norm_statistics(model: nn.Module, ranks: Ranks) -> None:
+    """Replace each BatchNorm's running mean and variance by their average over the ranks."""
+    for _, module in model.named_modules():
+        if isinstance(module, nn.BatchNorm) and "running_mean" in module:
+            for name in ("running_mean", "running_var"):
+                total = ranks.all_sum(np.array(module[name], np.float32))
+                setattr(module, name, mx.array(total / ranks.size))
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -311,34 +391,75 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--head-only needs pretrained weights (--weights, or a tagged --model)")
     if args.lr is None:
         args.lr = 1e-4 if pretrained and not args.head_only else 1e-3
-    if args.output.exists() and not args.force:
-        p.error(f"--output {args.output} already exists; pass --force to replace it")
+    try:  # before training: an MLX model directory (or a new/empty one), never the data or the weights
+        args.checked_output = check_model_dir(args.output, [args.data_dir, args.weights], args.force)
+    except ValueError as e:
+        p.error(str(e))
     return args
+
+
+def check_model_dir(output: Path, inputs: Sequence, force: bool):
+    """The checked --output folder (:func:`mlx_evit.outputs.check_output_dir`); ``ValueError`` names the problem."""
+    from mlx_evit.convert import _mlx_config_path
+
+    return check_output_dir(output, [i for i in inputs if i], force, option="--output", allow_empty=False,
+                            marker=lambda p: _mlx_config_path(p) is not None, describe="an MLX model directory")
+
+
+def save_trained(model: nn.Module, args: argparse.Namespace, **info) -> None:
+    """Save to --output; if that fails (it changed during training, disk full), save beside it and exit 1."""
+    try:
+        mlx_evit.save_model(model, args.checked_output, force=args.force, **info)
+        return
+    except (OSError, ValueError) as e:
+        problem = " ".join(str(e).split())
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for folder in (args.output.parent, Path(tempfile.gettempdir())):
+        fallback = folder / f"{args.output.name}.unsaved-{stamp}"
+        try:
+            mlx_evit.save_model(model, fallback, **info)
+        except (OSError, ValueError):
+            continue
+        sys.exit(f"error: cannot save to --output ({problem}); saved the trained model to {fallback} instead")
+    sys.exit(f"error: cannot save the trained model ({problem}), nor beside {args.output} or in the temp folder")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
+    ranks = Ranks(prog="finetune.py")  # one rank unless started by mlx.launch
+    where = f"rank {ranks.rank}: " if ranks.distributed else ""
     rng = np.random.default_rng(args.seed)
-    mx.random.seed(args.seed)
+    mx.random.seed(args.seed)  # the same initial weights on every rank
+    problem = None
     try:
         samples, classes = find_images(args.data_dir)
         model, cfg = build_model(args, len(classes))
     except (OSError, ValueError, HubError) as e:  # bad folder, weights or name; Hub unreachable
-        sys.exit(f"error: {e}")
+        problem = f"error: {where}{e}"
+    try:
+        ranks.check(problem)
+    except RankFailure as e:
+        sys.exit(problem or f"error: {where}{e}; stopping, nothing saved")
     train_set, val_set = split(samples, args.val_fraction, rng)
-    print(f"{model.arch_name}: {len(classes)} classes, {len(train_set)} training / {len(val_set)} validation "
-          f"images at {cfg['input_size'][-1]} px", file=sys.stderr)
+    if ranks.rank == 0:
+        print(f"{model.arch_name}: {len(classes)} classes, {len(train_set)} training / {len(val_set)} validation "
+              f"images at {cfg['input_size'][-1]} px, {ranks.describe()}", file=sys.stderr)
     start = time.perf_counter()
     try:
-        accuracy = train(model, train_set, val_set, cfg, args, rng)
-    except ImageLoadError as e:
-        sys.exit(f"error: {e}")
+        accuracy = train(model, train_set, val_set, cfg, args, rng, ranks)
+        ranks.check(None)
+    except (ImageLoadError, ValueError) as e:
+        sys.exit(f"error: {where}{e}")
+    except RankFailure as e:
+        sys.exit(f"error: {where}{e}; stopping, nothing saved")
+    if ranks.rank != 0:
+        return
     model.pretrained_cfg = cfg
     source = {"finetuned_from": args.weights or args.model, "data": str(args.data_dir), "epochs": args.epochs,
               "head_only": args.head_only, "validation_accuracy": accuracy}
-    mlx_evit.save_model(model, args.output, labels=classes, source=source, force=args.force)
-    print(f"validation accuracy {accuracy:.3f} (epochs: {args.epochs}, {time.perf_counter() - start:.0f} s); "
-          f"saved {args.output}")
+    save_trained(model, args, labels=classes, source=source)
+    print(f"validation accuracy {accuracy:.3f} (epochs: {args.epochs}, {time.perf_counter() - start:.0f} s, "
+          f"{ranks.describe()}); saved {args.output}")
 
 
 if __name__ == "__main__":
