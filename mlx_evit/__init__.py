@@ -14,6 +14,7 @@ from . import _blas  # noqa: F401  (must run before mlx.core is imported)
 from .convert import convert, load, save_model
 from .layers import fuse_modules
 from .registry import create_model, get_pretrained_cfg, list_models
+from .resize import resize  # noqa: F401  (NHWC resize equal to torch interpolate; mlx_evit.resize)
 from .seed import EfficientViT, output_size
 
 __version__ = "0.1.0"

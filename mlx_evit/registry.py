@@ -20,7 +20,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Family modules that contribute MODELS tables, imported on first use.
-FAMILY_MODULES = ("mlx_evit.seed", "mlx_evit.mit", "mlx_evit.msra", "mlx_evit.sam")
+FAMILY_MODULES = ("mlx_evit.seed", "mlx_evit.mit", "mlx_evit.msra", "mlx_evit.seg", "mlx_evit.sam")
 
 
 @dataclass(frozen=True)
