@@ -51,6 +51,7 @@ import numpy as np
 from PIL import Image
 
 import mlx_evit  # first: it sets up BLAS for mlx.core
+from mlx_evit.backend import default_device_is_gpu
 from mlx_evit.evaluate.distributed import RankFailure, Ranks, shard_bounds
 from mlx_evit.hub import HubError, pretrained_dir
 from mlx_evit.outputs import check_output_dir
@@ -308,7 +309,7 @@ def train(model: nn.Module, train_set: list[Sample], val_set: list[Sample], cfg:
     # backend builds fused kernels with a C++ compiler on first use (a minute or more for a
     # training step) and gains nothing measurable from them, so the step runs eagerly there.
     # Under mlx.launch the step runs eagerly too (the gradient all-reduce stays outside mx.compile).
-    if mx.default_device().type == mx.DeviceType.gpu and not ranks.distributed:
+    if default_device_is_gpu() and not ranks.distributed:
         step = partial(mx.compile, inputs=state, outputs=state)(step)
 
     accuracy = 0.0

@@ -17,7 +17,8 @@ The compiled function takes the model's state as an explicit input
 shape, dtype and default device, so one predictor serves several resolutions
 and follows ``mx.set_default_device``; the backend-specific formulations in
 :mod:`mlx_evit.layers` (native grouped convolutions on the GPU, shifted
-multiply-adds and batched matmuls on the CPU) are chosen at trace time.
+multiply-adds and batched matmuls on the CPU; see :mod:`mlx_evit.backend`)
+are chosen at trace time.
 
 On the CPU backend two more things matter. Fusion needs a C++ compiler
 (``g++``) at run time: without one, MLX's compile silently fuses nothing,
@@ -45,6 +46,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .backend import default_device_is_gpu
 from .convert import cast_model, model_dtype, parse_dtype
 
 __all__ = ["Predictor", "prepare", "quantizable", "parameter_bytes", "cpu_compile_available"]
@@ -118,7 +120,7 @@ class Predictor:
         """True when calls run through ``mx.compile`` with kernel fusion on the current device."""
         if not self._want_compile:
             return False
-        return mx.default_device().type == mx.DeviceType.gpu or cpu_compile_available()
+        return default_device_is_gpu() or cpu_compile_available()
 
     def _run(self, x: mx.array) -> mx.array:
         fn = self._forward if self.compiled else self.model
@@ -203,7 +205,7 @@ class Predictor:
         """Streams a batch of this shape is split across when splitting (1: not splittable)."""
         if self.streams <= 1 or len(shape) != 4 or shape[0] < 2:
             return 1
-        if mx.default_device().type != mx.DeviceType.cpu:
+        if default_device_is_gpu():
             return 1
         return min(self.streams, shape[0])
 

@@ -2,9 +2,13 @@
 
 Everything a family module needs and that is not specific to it lives here:
 activations, convolution + BatchNorm (+ activation) with inference-time BN
-folding, a backend-aware depthwise convolution, the grouped 1x1 convolution
-used by LiteMLA's multi-scale aggregation, the linear-attention kernels, and
-input validation.
+folding, a depthwise convolution, the grouped 1x1 convolution used by
+LiteMLA's multi-scale aggregation, the linear-attention kernels, and input
+validation.
+
+Backend: each op with a CPU formulation dispatches in one line on
+:func:`mlx_evit.backend.use_native` (``MLX_EVIT_KERNELS``): MLX's built-in
+kernel (what runs on the Apple GPU) or :mod:`mlx_evit.cpu_kernels`.
 
 Layout conventions (MLX): activations are ``(B, H, W, C)``; convolution
 weights are ``(O, kH, kW, I / groups)``; pointwise (1x1, stride 1, groups 1)
@@ -20,105 +24,43 @@ from typing import Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import cpu_kernels
+from .backend import use_native
+
 Activation = Optional[Callable[[mx.array], mx.array]]
 
 # ---------------------------------------------------------------------------
-# Backend awareness
+# Elementwise math: MLX's built-ins or the CPU forms (mlx_evit.backend decides)
 # ---------------------------------------------------------------------------
-
-
-def native_grouped_conv() -> bool:
-    """True when MLX's own grouped convolution is the fast path.
-
-    Metal has a dedicated depthwise kernel; the CPU backend runs any grouped
-    convolution as a scalar loop, where shifted multiply-adds (and, for grouped
-    1x1 convolutions, a batched matmul) are several times faster.
-    """
-    return mx.default_device().type == mx.DeviceType.gpu
-
-
-def native_transcendentals() -> bool:
-    """True when MLX's own ``exp``/``erf``/``tanh``/``softmax`` are fast (the GPU).
-
-    On the x86 CPU backend they cost 20-40 ns per element (their polynomial
-    evaluation calls a software ``fma``); :func:`exp` below is 10x faster
-    there and at least as accurate.
-    """
-    return mx.default_device().type == mx.DeviceType.gpu
-
-
-# ---------------------------------------------------------------------------
-# Elementwise math (backend-aware)
-# ---------------------------------------------------------------------------
-
-# exp(x) = 2**n * e**r, n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2]
-# (Cody-Waite: ln 2 split in a high part exact in float32 and a low part).
-_LOG2E = 1.4426950408889634
-_LN2_HI = 0.693145751953125
-_LN2_LO = 1.428606765330187e-06
-_ROUND = 12582912.0  # 1.5 * 2**23: (t + _ROUND) - _ROUND rounds t to an integer
-# e**r - 1 - r = r**2 * P(r) on [-ln2/2, ln2/2] (Cephes expf coefficients).
-_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
 
 
 def exp(x: mx.array) -> mx.array:
-    """``e**x``: ``mx.exp`` on the GPU, a float32 polynomial with exact power-of-two scaling elsewhere.
+    """``e**x`` with the argument clamped to ``[-88, 88]`` on both paths.
 
-    The CPU form is made of adds, multiplies and one integer shift, which
-    ``mx.compile`` fuses; relative error < 1e-7 over the float32 range.
-    Arguments are clamped to [-88, 88]: results below ``e**-88`` flush to
-    zero and above ``e**88`` saturate at 1.65e38 instead of overflowing.
+    Native: ``mx.exp`` of the clamped argument; CPU: the float32 polynomial
+    :func:`mlx_evit.cpu_kernels.exp` (relative error < 1e-7). Both saturate
+    at ``e**88`` = 1.65e38 instead of overflowing. The one difference: below
+    about ``e**-87.3`` the CPU form flushes to zero where ``mx.exp`` may
+    return a float32 subnormal (< 1.2e-38).
     """
-    if native_transcendentals():
-        return mx.exp(x)
-    dtype = x.dtype
-    x = mx.clip(x.astype(mx.float32), -88.0, 88.0)
-    n = mx.stop_gradient((x * _LOG2E + _ROUND) - _ROUND)  # piecewise constant: no gradient
-    r = (x - n * _LN2_HI) - n * _LN2_LO
-    p = _EXP_POLY[0]
-    for c in _EXP_POLY[1:]:
-        p = p * r + c
-    p = (p * r * r + r) + 1.0
-    scale = mx.view(mx.left_shift(n.astype(mx.int32) + 127, 23), mx.float32)  # 2**n, bit-exact
-    return (p * scale).astype(dtype)
+    if use_native():
+        return mx.exp(mx.clip(x, -cpu_kernels.EXP_CLAMP, cpu_kernels.EXP_CLAMP))
+    return cpu_kernels.exp(x)
 
 
 def softmax(x: mx.array, axis: int = -1) -> mx.array:
-    """Softmax along ``axis``: ``mx.softmax`` on the GPU, max-shifted :func:`exp` elsewhere."""
-    if native_transcendentals():
-        return mx.softmax(x, axis=axis)
-    e = exp(x - mx.stop_gradient(x.max(axis=axis, keepdims=True)))
-    return e / e.sum(axis=axis, keepdims=True)
+    """Softmax along ``axis`` (``mx.softmax``, or the max-shifted CPU :func:`exp` form)."""
+    return mx.softmax(x, axis=axis) if use_native() else cpu_kernels.softmax(x, axis)
 
 
 def sigmoid(x: mx.array) -> mx.array:
-    """``1 / (1 + e**-x)``: ``mx.sigmoid`` on the GPU, via :func:`exp` elsewhere."""
-    if native_transcendentals():
-        return mx.sigmoid(x)
-    return 1.0 / (1.0 + exp(-x))
-
-
-# Abramowitz & Stegun 7.1.26: erfc(z) = t P(t) e**-z**2, t = 1 / (1 + p z), z >= 0, |error| <= 1.5e-7.
-_ERFC_P = 0.3275911
-_ERFC_POLY = (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592)
+    """``1 / (1 + e**-x)`` (``mx.sigmoid``, or via the CPU :func:`exp`)."""
+    return mx.sigmoid(x) if use_native() else cpu_kernels.sigmoid(x)
 
 
 def normal_cdf(x: mx.array) -> mx.array:
-    """Standard normal CDF ``0.5 * (1 + erf(x / sqrt 2))``; a rational approximation times :func:`exp` off the GPU.
-
-    Computed as ``0.5 * erfc(|x| / sqrt 2)`` for the tail, so it keeps its
-    relative accuracy for negative ``x`` (no ``1 + erf`` cancellation);
-    absolute error below 1e-7.
-    """
-    if native_transcendentals():
-        return 0.5 * (1.0 + mx.erf(x * (1.0 / math.sqrt(2.0))))
-    z = mx.abs(x) * (1.0 / math.sqrt(2.0))
-    t = 1.0 / (1.0 + _ERFC_P * z)
-    p = _ERFC_POLY[0]
-    for c in _ERFC_POLY[1:]:
-        p = p * t + c
-    tail = 0.5 * (p * t) * exp(-(z * z))  # 0.5 * erfc(z)
-    return mx.where(x >= 0, 1.0 - tail, tail)
+    """Standard normal CDF ``0.5 * (1 + erf(x / sqrt 2))`` (``mx.erf``, or a rational approximation, error < 1e-7)."""
+    return 0.5 * (1.0 + mx.erf(x * (1.0 / math.sqrt(2.0)))) if use_native() else cpu_kernels.normal_cdf(x)
 
 
 # ---------------------------------------------------------------------------
@@ -135,19 +77,16 @@ def gelu_tanh(x: mx.array) -> mx.array:
     """GELU with the tanh approximation (torch ``approximate="tanh"``), MIT L series.
 
     ``0.5 x (1 + tanh(u)) = x * sigmoid(2u)``; the second (same function)
-    form is used off the GPU, where ``mx.tanh`` is slow.
+    form is the CPU one, where ``mx.tanh`` is slow.
     """
-    u = math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)
-    if native_transcendentals():
-        return 0.5 * x * (1.0 + mx.tanh(u))
-    return x * sigmoid(2.0 * u)
+    if not use_native():
+        return cpu_kernels.gelu_tanh(x)
+    return 0.5 * x * (1.0 + mx.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
 
 
 def gelu(x: mx.array) -> mx.array:
     """Exact (erf) GELU, ``x * Phi(x)``."""
-    if native_transcendentals():
-        return nn.gelu(x)
-    return x * normal_cdf(x)
+    return nn.gelu(x) if use_native() else cpu_kernels.gelu(x)
 
 
 def relu(x: mx.array) -> mx.array:
@@ -187,34 +126,14 @@ def _scale_rows(w: mx.array, s: mx.array) -> mx.array:
     return w * s.reshape((-1,) + (1,) * (w.ndim - 1)).astype(w.dtype)
 
 
-def _patches(xp: mx.array, kh: int, kw: int, sh: int, sw: int) -> mx.array:
-    """All ``kh x kw`` windows of the (already padded) ``(B, Hp, Wp, C)`` input at stride ``(sh, sw)``.
-
-    A strided view ``(B, Ho, Wo, kh, kw, C)``, no copy: ``[b, i, j, u, v]`` is
-    ``xp[b, i * sh + u, j * sw + v]``.
-    """
-    B, Hp, Wp, C = xp.shape
-    Ho, Wo = (Hp - kh) // sh + 1, (Wp - kw) // sw + 1
-    return mx.as_strided(xp, (B, Ho, Wo, kh, kw, C), (Hp * Wp * C, sh * Wp * C, sw * C, Wp * C, C, 1))
-
-
-def _fusion_boundary(x: mx.array) -> mx.array:
-    """``x`` unchanged, but ``mx.compile`` will not fuse across it.
-
-    A flatten and un-flatten: reshapes are not fusable, copy nothing for the
-    contiguous output of a fused kernel, are differentiable and, unlike
-    ``mx.contiguous``, survive ``mx.export_function``.
-    """
-    return x.reshape(-1).reshape(x.shape)
-
-
 class DepthwiseConv2d(nn.Module):
     """k x k convolution with ``groups == channels`` and symmetric ``k // 2`` padding.
 
-    Weight ``(C, k, k, 1)`` as for ``nn.Conv2d(groups=C)``. On the GPU this
-    calls MLX's grouped conv (dedicated depthwise kernel). The CPU backend
-    runs grouped convolutions as a naive scalar loop, so elsewhere the
-    convolution is written with other ops, exactly: small maps as one
+    Weight ``(C, k, k, 1)`` as for ``nn.Conv2d(groups=C)``. Native: MLX's
+    grouped conv (a dedicated depthwise kernel on the GPU). MLX's CPU backend
+    runs grouped convolutions as a naive scalar loop, so the CPU path
+    (:func:`mlx_evit.cpu_kernels.depthwise_conv2d`) writes the convolution
+    with other ops, exactly: small maps as one
     strided ``(B, Ho, Wo, k, k, C)`` view of the padded input, scaled and
     summed over the taps (a handful of graph nodes); large maps as a sum of
     ``k * k`` shifted, per-channel-scaled views, which ``mx.compile`` fuses
@@ -229,7 +148,7 @@ class DepthwiseConv2d(nn.Module):
     # Taps summed per fused kernel in the shifted form. MLX's CPU JIT turns a fused chain into one
     # strided loop with a pointer per input; past about 8 inputs (x tap + weight row per term) it
     # runs several times slower per element, so the sum is cut into kernels of 3 taps
-    # (see :func:`_fusion_boundary`).
+    # (see :func:`mlx_evit.cpu_kernels.fusion_boundary`).
     # Measured on x86 in whole models at batch 16: B0 1.75x, B1 1.9x faster than one 9-tap kernel.
     TAPS_PER_KERNEL = 3
 
@@ -247,27 +166,11 @@ class DepthwiseConv2d(nn.Module):
         return f"{self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, bias={'bias' in self}"
 
     def __call__(self, x: mx.array) -> mx.array:
-        k, s, p = self.kernel_size, self.stride, self.kernel_size // 2
-        if native_grouped_conv() or k == 1:
-            y = mx.conv2d(x, self.weight, stride=s, padding=p, groups=self.channels)
+        k, s = self.kernel_size, self.stride
+        if use_native() or k == 1:
+            y = mx.conv2d(x, self.weight, stride=s, padding=k // 2, groups=self.channels)
         else:
-            B, H, W, C = x.shape
-            Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
-            xp = mx.pad(x, [(0, 0), (p, p), (p, p), (0, 0)])
-            if B * Ho * Wo * C * k * k <= self.STRIDED_VIEW_MAX:
-                taps = _patches(xp, k, k, s, s)
-                y = (taps * self.weight.reshape(C, k, k).transpose(1, 2, 0)).sum(axis=(3, 4))
-            else:
-                # One split into k*k per-tap weight rows (views), not k*k gathers.
-                w = mx.split(self.weight.reshape(C, k * k).T, k * k, axis=0)  # k*k x (1, C)
-                y = None
-                for n in range(k * k):
-                    i, j = divmod(n, k)
-                    tap = xp[:, i : i + s * (Ho - 1) + 1 : s, j : j + s * (Wo - 1) + 1 : s, :]
-                    if n and n % self.TAPS_PER_KERNEL == 0:
-                        y = _fusion_boundary(y)
-                    term = tap * w[n]
-                    y = term if y is None else y + term
+            y = cpu_kernels.depthwise_conv2d(x, self.weight, s, self.STRIDED_VIEW_MAX, self.TAPS_PER_KERNEL)
         if "bias" in self:
             y = y + self.bias
         return y
@@ -286,32 +189,25 @@ class Conv2d(nn.Conv2d):
     ``(B * Ho * Wo, k * k * C)`` patch matrix from one strided view of the
     padded input and multiplies it by the weight; that copy is faster than
     the one inside MLX's CPU convolution, which matters when the GEMM is
-    small (stems, patch embeddings). Wider convolutions and the GPU use
-    ``mx.conv2d``.
+    small (stems, patch embeddings). Wider convolutions and the native path
+    use ``mx.conv2d``.
     """
 
     IM2COL_MAX_CHANNELS = 64 * 128  # measured crossover of in * out channels on x86
 
     def __call__(self, x: mx.array) -> mx.array:
-        O, kh, kw, C = self.weight.shape
+        O, _, _, C = self.weight.shape
         dilation = (self.dilation,) * 2 if isinstance(self.dilation, int) else tuple(self.dilation)
-        if native_grouped_conv() or self.groups != 1 or dilation != (1, 1) or C * O > self.IM2COL_MAX_CHANNELS:
+        if use_native() or self.groups != 1 or dilation != (1, 1) or C * O > self.IM2COL_MAX_CHANNELS:
             return super().__call__(x)
-        (sh, sw), (ph, pw) = self.stride, self.padding
-        xp = mx.pad(x, [(0, 0), (ph, ph), (pw, pw), (0, 0)]) if ph or pw else x
-        windows = _patches(xp, kh, kw, sh, sw)
-        B, Ho, Wo = windows.shape[:3]
-        patches = windows.reshape(B * Ho * Wo, kh * kw * C)
-        w = self.weight.reshape(O, kh * kw * C).T
-        y = mx.addmm(self.bias, patches, w) if "bias" in self else patches @ w
-        return y.reshape(B, Ho, Wo, O)
+        return cpu_kernels.im2col_conv2d(x, self.weight, self.get("bias"), self.stride, self.padding)
 
 
 class GroupedPointwise(nn.Module):
     """1x1 convolution with ``groups`` groups, no bias: ``(B, H, W, C) -> (B, H, W, O)``.
 
-    Weight ``(O, 1, 1, C / groups)`` (MLX conv layout). Off the GPU it runs as
-    one batched matmul over the groups instead of MLX's grouped-conv loop.
+    Weight ``(O, 1, 1, C / groups)`` (MLX conv layout). The CPU path runs it
+    as one batched matmul over the groups instead of MLX's grouped-conv loop.
     """
 
     def __init__(self, in_channels: int, out_channels: int, groups: int):
@@ -323,14 +219,9 @@ class GroupedPointwise(nn.Module):
         self.weight = mx.random.uniform(-scale, scale, (out_channels, 1, 1, in_channels // groups))
 
     def __call__(self, x: mx.array) -> mx.array:
-        if native_grouped_conv():
+        if use_native():
             return mx.conv2d(x, self.weight, groups=self.groups)
-        B, H, W, C = x.shape
-        g, O = self.groups, self.weight.shape[0]
-        xg = x.reshape(B * H * W, g, C // g).transpose(1, 0, 2)  # (g, N, C/g)
-        wg = self.weight.reshape(g, O // g, C // g)  # (g, O/g, C/g)
-        y = xg @ wg.transpose(0, 2, 1)  # (g, N, O/g)
-        return y.transpose(1, 0, 2).reshape(B, H, W, O)
+        return cpu_kernels.grouped_pointwise(x, self.weight, self.groups)
 
     @staticmethod
     def torch_to_mlx(leaf: str, value):

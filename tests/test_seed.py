@@ -92,6 +92,7 @@ def test_output_size_defaults_and_features_without_head():
     assert model(mx.zeros((1, 32, 32, 3))).shape == (1, 32)
 
 
+@pytest.mark.parity
 def test_pooled_features_are_layernorm_then_token_mean():
     model = EfficientViT.build(**SMALL)
     x = mx.random.normal((2, 32, 40, 3))
@@ -116,6 +117,7 @@ def test_batch_items_are_independent():
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.parity
 def test_linear_attention_equals_quadratic_formula():
     rng = np.random.default_rng(0)
     q, k, v = (rng.normal(scale=2.0, size=(2, 3, 50, 8)).astype(np.float32) for _ in range(3))
@@ -144,6 +146,7 @@ def reference_cga(module, x, cascade=True):
     return proj, outs
 
 
+@pytest.mark.parity
 def test_cga_matches_per_head_reference():
     mx.random.seed(1)
     attn = CascadedGroupLinearAttention(24, 3)
