@@ -89,8 +89,12 @@ def pretrained_dir(
 
     repo_id = hub_repo_id(name)
     name = f"{split_name(name)[0]}.{get_pretrained_cfg(name).tag}"  # a bare architecture means its default tag
+    # timm repositories hold one model (config.json + model.safetensors); the original releases (seg, SAM)
+    # hold one checkpoint file per model, named by the tag's ``hf_filename``, each cached on its own.
+    single = getattr(get_pretrained_cfg(name), "hf_filename", None)
+    files = (single,) if single else (_CONFIG, _WEIGHTS)
     store = Path(cache_dir) if cache_dir is not None else cache_root()
-    store = store / ("models--" + repo_id.replace("/", "--"))
+    store = store / ("models--" + repo_id.replace("/", "--") + (f"--{Path(single).stem}" if single else ""))
     ref = store / "refs" / urllib.parse.quote(revision, safe="")
     offline = offline or constants.HF_HUB_OFFLINE
     hub = _Repo(repo_id, endpoint)
@@ -98,7 +102,7 @@ def pretrained_dir(
     unreachable = None
     if not offline:
         try:
-            commit = hub.resolve(revision)
+            commit = hub.resolve(revision, files[0])
         except _Unreachable as e:
             unreachable = str(e)
     if offline or unreachable:
@@ -106,14 +110,14 @@ def pretrained_dir(
         cached = _cached_commit(store, ref)
         if cached is not None:
             return cached
-        config = hub.download(_CONFIG, revision, local_only=True)
-        weights = hub.download(_WEIGHTS, config.parent.name, local_only=True) if config else None
+        config = hub.download(files[0], revision, local_only=True)
+        weights = hub.download(files[-1], config.parent.name, local_only=True) if config else None
         if weights is None:
             why = "offline mode (HF_HUB_OFFLINE) is on" if offline else (
                 f"the Hub at {endpoint or constants.ENDPOINT} cannot be reached ({unreachable})")
             raise HubError(
                 f"{name}: pretrained weights are not cached and {why}. Download them once with network access "
-                f"(`hf download {repo_id} {_WEIGHTS} {_CONFIG}`), or give a local checkpoint or converted "
+                f"(`hf download {repo_id} {' '.join(reversed(files))}`), or give a local checkpoint or converted "
                 f"MLX directory (--weights PATH)"
             )
     else:
@@ -121,15 +125,15 @@ def pretrained_dir(
         if _is_model_dir(converted):
             _write_ref(ref, commit)
             return converted
-        config = hub.download(_CONFIG, revision)
+        config = hub.download(files[0], revision)
         # The revision may have moved since resolve(): the config's snapshot names the commit.
-        weights = hub.download(_WEIGHTS, config.parent.name)
+        weights = hub.download(files[-1], config.parent.name)
     commit = config.parent.name  # the Hub cache keeps files under snapshots/<commit>/
     converted = store / "snapshots" / commit
     if not _is_model_dir(converted):
         if log is not None:
             log(f"converting {repo_id}@{commit[:12]} to MLX in {converted}")
-        _convert(name, weights.parent, converted)
+        _convert(name, weights if single else weights.parent, converted)
     _write_ref(ref, commit)
     return converted
 
@@ -144,7 +148,7 @@ class _Repo:
     def __init__(self, repo_id: str, endpoint: Optional[str]):
         self.repo_id, self.endpoint = repo_id, endpoint
 
-    def resolve(self, revision: str) -> str:
+    def resolve(self, revision: str, filename: str = _CONFIG) -> str:
         """The commit ``revision`` points at, from one HEAD request without retries.
 
         Raises :class:`_Unreachable` when the Hub does not answer (so the
@@ -153,11 +157,11 @@ class _Repo:
         """
         from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
-        url = hf_hub_url(self.repo_id, _CONFIG, revision=revision, endpoint=self.endpoint)
+        url = hf_hub_url(self.repo_id, filename, revision=revision, endpoint=self.endpoint)
         try:
             commit = get_hf_file_metadata(url).commit_hash
         except Exception as e:
-            message = self._definite(e, _CONFIG, revision)
+            message = self._definite(e, filename, revision)
             if message is None:
                 raise _Unreachable(_one_line(e)) from None
             raise HubError(message) from None
