@@ -218,9 +218,9 @@ class Predictor:
 class _OpenBLASThreads:
     """Get/set the thread count of the OpenBLAS that :mod:`mlx_evit._blas` loaded for MLX."""
 
-    def __init__(self, lib: ctypes.CDLL):
-        self._get = lib.openblas_get_num_threads
-        self._set = lib.openblas_set_num_threads
+    def __init__(self, lib: ctypes.CDLL, prefix: str = ""):
+        self._get = getattr(lib, prefix + "openblas_get_num_threads")  # prefix: "scipy_" for scipy-openblas32
+        self._set = getattr(lib, prefix + "openblas_set_num_threads")
         self._get.restype = ctypes.c_int
         self._set.argtypes = [ctypes.c_int]
 
@@ -231,7 +231,7 @@ class _OpenBLASThreads:
         if not _blas.LOADED:
             return None
         try:
-            return cls(ctypes.CDLL(_blas.LOADED))
+            return cls(ctypes.CDLL(_blas.LOADED), _blas.PREFIX)
         except (OSError, AttributeError):  # not OpenBLAS (MLX_EVIT_BLAS pointed elsewhere)
             return None
 
