@@ -191,7 +191,7 @@ def _choices(choice: str) -> list[str]:
 # ---------------------------------------------------------------- self-checks
 
 
-def gemm_check(lib: _Library, sizes=((67, 45, 53), (256, 192, 320))) -> Optional[str]:
+def gemm_check(lib: _Library, sizes=((67, 45, 53), (192, 160, 256))) -> Optional[str]:
     """Run ``cblas_sgemm`` of ``lib`` against numpy (float64); returns a problem or None."""
     import numpy as np
 
@@ -275,31 +275,43 @@ def _load_base(path: str) -> int:
 
 
 def got_slots(path: str, names=SYMBOLS) -> dict[str, int]:
-    """``{symbol: r_offset}`` of the PLT/GOT relocations for ``names`` in the ELF64 file ``path``."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        raise OSError(f"{path}: not a little-endian ELF64 file")
-    shoff, = struct.unpack_from("<Q", data, 0x28)
-    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
-    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
-    wanted, out = set(names), {}
-    for _name, kind, _fl, _addr, offset, size, link, _info, _al, entsize in sections:
-        if kind != 4 or not entsize:  # SHT_RELA
-            continue
-        symtab = sections[link]
-        strtab = sections[symtab[6]]
-        for r in range(size // entsize):
-            r_offset, r_info, _addend = struct.unpack_from("<QQq", data, offset + r * entsize)
-            r_type, sym = r_info & 0xFFFFFFFF, r_info >> 32
-            if r_type not in (6, 7) or not sym:  # R_X86_64_GLOB_DAT, R_X86_64_JUMP_SLOT
-                continue
-            st_name = struct.unpack_from("<I", data, symtab[4] + sym * symtab[9])[0]
-            start = strtab[4] + st_name
-            name = data[start:data.index(b"\0", start)].decode("ascii", "replace")
-            if name in wanted:
-                out.setdefault(name, r_offset)
-    return out
+    """``{symbol: r_offset}`` of the GOT relocations for ``names`` in the ELF64 (x86-64) file ``path``.
+
+    The file is memory-mapped and only its relocation, symbol and string tables are read
+    (``.rela.plt`` first: calls through the PLT; then any other RELA section).
+    """
+    import mmap
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+            raise OSError(f"{path}: not a little-endian ELF64 file")
+        shoff, = struct.unpack_from("<Q", data, 0x28)
+        shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+        sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+        names_at = sections[shstrndx][4]
+
+        def section_name(sec) -> bytes:
+            start = names_at + sec[0]
+            return data[start:data.find(b"\0", start)]
+
+        relas = [sec for sec in sections if sec[1] == 4 and sec[9]]  # SHT_RELA
+        relas.sort(key=lambda sec: section_name(sec) != b".rela.plt")
+        wanted, out = set(names), {}
+        for _name, _kind, _fl, _addr, offset, size, link, _info, _al, entsize in relas:
+            symtab = sections[link]
+            strtab = sections[symtab[6]]
+            for r in range(size // entsize):
+                r_offset, r_info = struct.unpack_from("<QQ", data, offset + r * entsize)
+                r_type, sym = r_info & 0xFFFFFFFF, r_info >> 32
+                if r_type not in (6, 7) or not sym:  # R_X86_64_GLOB_DAT, R_X86_64_JUMP_SLOT
+                    continue
+                start = strtab[4] + struct.unpack_from("<I", data, symtab[4] + sym * symtab[9])[0]
+                name = data[start:data.find(b"\0", start)].decode("ascii", "replace")
+                if name in wanted:
+                    out.setdefault(name, r_offset)
+            if wanted <= set(out):
+                break
+        return out
 
 
 def _write_pointer(address: int, value: int) -> None:
