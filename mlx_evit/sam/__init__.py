@@ -6,5 +6,6 @@ everything from a point grid. The models live in :mod:`mlx_evit.sam.model`.
 """
 
 from .model import MODELS, EfficientViTSam, MaskDecoder, PromptEncoder, SamImageEncoder
+from .predictor import SamPredictor
 
-__all__ = ["MODELS", "EfficientViTSam", "SamImageEncoder", "PromptEncoder", "MaskDecoder"]
+__all__ = ["MODELS", "EfficientViTSam", "SamImageEncoder", "PromptEncoder", "MaskDecoder", "SamPredictor"]
