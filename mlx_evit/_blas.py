@@ -4,10 +4,11 @@ MLX's Linux CPU wheel (``mlx-cpu``) links its GEMMs to a bundled reference
 (netlib) BLAS, 50x slower than OpenBLAS. On import, :mod:`mlx_evit` points
 MLX's ``cblas_sgemm``/``cblas_dgemm``/``cblas_cgemm`` at an optimized library:
 
-1. the library: ``MLX_EVIT_BLAS`` unset/``auto``: the ``scipy-openblas32``
-   wheel if installed (``pip install "mlx_evit[blas]"``), else the system
-   OpenBLAS (``apt-get install libopenblas0-pthread``); ``pip``/``system``
-   for one of them; a path for any CBLAS library; ``0`` for MLX's own.
+1. the library: ``MLX_EVIT_BLAS`` unset/``auto``: the system OpenBLAS
+   (``apt-get install libopenblas0-pthread``; faster here once its core is
+   right), else the ``scipy-openblas32`` wheel (``pip install
+   "mlx_evit[blas]"``); ``system``/``pip`` for one of them; a path for any
+   CBLAS library; ``0`` for MLX's own.
 2. the binding: before ``mlx.core`` is imported, a library that exports
    ``cblas_sgemm`` is loaded with ``RTLD_GLOBAL`` and MLX binds to it; once
    MLX is loaded (``import mlx.core`` first, or ``scipy-openblas32``, whose
@@ -184,7 +185,7 @@ def _choices(choice: str) -> list[str]:
     if choice == "system":
         return _system_libraries()
     if choice in ("", "1", "auto"):
-        return [p for p in (_pip_library(),) if p] + _system_libraries()
+        return _system_libraries() + [p for p in (_pip_library(),) if p]
     return [choice]
 
 

@@ -100,9 +100,9 @@ def test_each_library_in_each_import_order(tmp_path, reference, which, order):
     assert info["warnings"] == []
 
 
-def test_default_prefers_the_pip_wheel(tmp_path, reference):
+def test_default_prefers_the_system_library(tmp_path, reference):
     info, mm, conv = _run(tmp_path, "default", "mlx-first")
-    expected = _blas._pip_library() or _system()
+    expected = _system() or _blas._pip_library()
     if expected is None:
         pytest.skip("no OpenBLAS here")
     _assert_fast(info, os.path.realpath(expected), mm, conv, reference)
