@@ -80,7 +80,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..classify import DEFAULT_MODEL, DTYPES
+    from ..classify import DEFAULT_MODEL
     from ..evaluate.distributed import DEFAULT_TIMEOUT
 
     p = argparse.ArgumentParser(prog=PROG, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-map", metavar="FILE", help="folder -> class table (JSON object, or FOLDER<TAB>CLASS lines)")
     p.add_argument("--labels", metavar="FILE", help="class names of the model (one per line, or JSON)")
     p.add_argument("--batch-size", "-b", type=_positive_int, default=16, metavar="N", help="images per batch (16)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="model dtype (default float32; half precision is for the GPU)")
     p.add_argument("--skip-errors", action="store_true",
                    help="report unreadable images, leave them out and count them in the summary")
     p.add_argument("--output", "-o", metavar="OUT_DIR", help="write summary.json, predictions.csv, confusion.csv")
