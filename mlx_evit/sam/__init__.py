@@ -6,6 +6,8 @@ everything from a point grid. The models live in :mod:`mlx_evit.sam.model`.
 """
 
 from .model import MODELS, EfficientViTSam, MaskDecoder, PromptEncoder, SamImageEncoder
+from .amg import SamAutomaticMaskGenerator
 from .predictor import SamPredictor
 
-__all__ = ["MODELS", "EfficientViTSam", "SamImageEncoder", "PromptEncoder", "MaskDecoder", "SamPredictor"]
+__all__ = ["MODELS", "EfficientViTSam", "SamImageEncoder", "PromptEncoder", "MaskDecoder", "SamPredictor",
+           "SamAutomaticMaskGenerator"]

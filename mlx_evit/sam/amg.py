@@ -1,0 +1,332 @@
+"""Segment everything: Segment Anything's automatic mask generator for EfficientViT-SAM (numpy, no torch).
+
+A grid of foreground points is decoded in batches on each crop of the image
+(one crop, the whole image, by default); masks are kept by predicted IoU and
+stability score, dropped when they touch an inner crop edge, de-duplicated
+by box non-maximum suppression (per crop, then across crops) and returned as
+records like Meta's: ``segmentation`` (bool mask or uncompressed RLE),
+``area``, ``bbox`` (XYWH), ``predicted_iou``, ``stability_score``,
+``point_coords`` and ``crop_box`` (XYWH).
+
+The IoU filter runs on the decoder's outputs before the masks are upsampled,
+and the stability score is computed on the full-size logits inside MLX, so
+only kept masks reach numpy; the results equal the reference order of
+operations.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import product
+from typing import Any, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .predictor import ImageLike, SamPredictor, as_rgb_uint8
+
+__all__ = [
+    "SamAutomaticMaskGenerator",
+    "build_point_grid",
+    "build_all_layer_point_grids",
+    "generate_crop_boxes",
+    "stability_score",
+    "masks_to_boxes",
+    "box_nms",
+    "mask_to_rle",
+    "rle_to_mask",
+    "rle_area",
+    "is_box_near_crop_edge",
+]
+
+
+# ---------------------------------------------------------------------------
+# Point grids and crops
+# ---------------------------------------------------------------------------
+
+
+def build_point_grid(n_per_side: int) -> np.ndarray:
+    """``(n * n, 2)`` (x, y) cell centres of an n x n grid over [0, 1]^2, x varying fastest."""
+    offset = 1.0 / (2 * n_per_side)
+    side = np.linspace(offset, 1 - offset, n_per_side)
+    xs = np.tile(side[None, :], (n_per_side, 1))
+    ys = np.tile(side[:, None], (1, n_per_side))
+    return np.stack([xs, ys], axis=-1).reshape(-1, 2)
+
+
+def build_all_layer_point_grids(n_per_side: int, n_layers: int, scale_per_layer: int) -> list[np.ndarray]:
+    """One grid per crop layer, ``n_per_side / scale_per_layer ** i`` points per side on layer i."""
+    return [build_point_grid(int(n_per_side / (scale_per_layer**i))) for i in range(n_layers + 1)]
+
+
+def generate_crop_boxes(im_size: tuple[int, int], n_layers: int,
+                        overlap_ratio: float) -> tuple[list[list[int]], list[int]]:
+    """XYXY crop boxes and their layer: the whole image, then 2^i x 2^i overlapping crops on layer i."""
+    h, w = im_size
+    boxes, layers = [[0, 0, w, h]], [0]
+    short = min(h, w)
+    for i in range(n_layers):
+        n = 2 ** (i + 1)
+        overlap = int(overlap_ratio * short * (2 / n))
+        crop_w = int(math.ceil((overlap * (n - 1) + w) / n))
+        crop_h = int(math.ceil((overlap * (n - 1) + h) / n))
+        x0s = [int((crop_w - overlap) * k) for k in range(n)]
+        y0s = [int((crop_h - overlap) * k) for k in range(n)]
+        for x0, y0 in product(x0s, y0s):
+            boxes.append([x0, y0, min(x0 + crop_w, w), min(y0 + crop_h, h)])
+            layers.append(i + 1)
+    return boxes, layers
+
+
+# ---------------------------------------------------------------------------
+# Mask post-processing (numpy)
+# ---------------------------------------------------------------------------
+
+
+def stability_score(logits, threshold: float, offset: float):
+    """IoU of the masks thresholded at ``threshold + offset`` and ``threshold - offset``; ``(N, H, W) -> (N,)``.
+
+    Works on numpy or MLX arrays (returns the same kind).
+    """
+    if isinstance(logits, mx.array):
+        inter = (logits > threshold + offset).astype(mx.int32).sum(axis=(-1, -2))
+        union = (logits > threshold - offset).astype(mx.int32).sum(axis=(-1, -2))
+        return inter.astype(mx.float32) / union.astype(mx.float32)
+    logits = np.asarray(logits)
+    inter = (logits > threshold + offset).sum(axis=(-1, -2), dtype=np.int64)
+    union = (logits > threshold - offset).sum(axis=(-1, -2), dtype=np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (inter / union).astype(np.float32)
+
+
+def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
+    """``(N, H, W)`` bool -> ``(N, 4)`` int XYXY boxes with inclusive far edges; empty masks give zeros."""
+    masks = np.asarray(masks, bool)
+    n, h, w = masks.shape
+    out = np.zeros((n, 4), np.int64)
+    rows = masks.any(axis=2)
+    cols = masks.any(axis=1)
+    nonempty = rows.any(axis=1)
+    if nonempty.any():
+        r, c = rows[nonempty], cols[nonempty]
+        out[nonempty, 0] = c.argmax(axis=1)
+        out[nonempty, 1] = r.argmax(axis=1)
+        out[nonempty, 2] = w - 1 - c[:, ::-1].argmax(axis=1)
+        out[nonempty, 3] = h - 1 - r[:, ::-1].argmax(axis=1)
+    return out
+
+
+def box_area(boxes: np.ndarray) -> np.ndarray:
+    boxes = np.asarray(boxes, np.float64)
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def box_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Indices kept by greedy non-maximum suppression (highest score first), as torchvision's ``nms``.
+
+    A box is suppressed when its IoU with a kept box exceeds ``iou_threshold``.
+    Returned in decreasing score order.
+    """
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    area = box_area(boxes)
+    suppressed = np.zeros(len(boxes), bool)
+    keep = []
+    for pos, i in enumerate(order):
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        rest = order[pos + 1 :]
+        rest = rest[~suppressed[rest]]
+        if not len(rest):
+            continue
+        x0 = np.maximum(boxes[i, 0], boxes[rest, 0])
+        y0 = np.maximum(boxes[i, 1], boxes[rest, 1])
+        x1 = np.minimum(boxes[i, 2], boxes[rest, 2])
+        y1 = np.minimum(boxes[i, 3], boxes[rest, 3])
+        inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            iou = inter / (area[i] + area[rest] - inter)
+        suppressed[rest[iou > iou_threshold]] = True
+    return np.asarray(keep, np.int64)
+
+
+def is_box_near_crop_edge(boxes: np.ndarray, crop_box: Sequence[int], orig_box: Sequence[int],
+                          atol: float = 20.0) -> np.ndarray:
+    """Boxes (crop coordinates) within ``atol`` of an edge of the crop that is not an image edge."""
+    crop = np.asarray(crop_box, np.float64)
+    orig = np.asarray(orig_box, np.float64)
+    boxes = np.asarray(boxes, np.float64) + np.array([crop[0], crop[1], crop[0], crop[1]])
+    near_crop = np.abs(boxes - crop[None]) <= atol
+    near_image = np.abs(boxes - orig[None]) <= atol
+    return (near_crop & ~near_image).any(axis=1)
+
+
+def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
+    """Bool ``(H, W)`` -> uncompressed RLE ``{"size": [H, W], "counts": [...]}`` (column-major, starts with zeros)."""
+    mask = np.asarray(mask, bool)
+    h, w = mask.shape
+    flat = mask.T.ravel()
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    edges = np.concatenate([[0], change, [h * w]])
+    counts = np.diff(edges).tolist()
+    if flat.size and flat[0]:
+        counts = [0] + counts
+    return {"size": [h, w], "counts": counts}
+
+
+def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
+    """Uncompressed RLE -> bool ``(H, W)``."""
+    h, w = rle["size"]
+    counts = np.asarray(rle["counts"], np.int64)
+    values = np.arange(len(counts)) % 2 == 1
+    flat = np.repeat(values, counts)
+    if flat.size != h * w:
+        raise ValueError(f"RLE counts sum to {flat.size}, expected {h * w} for size {h}x{w}")
+    return flat.reshape(w, h).T
+
+
+def rle_area(rle: dict[str, Any]) -> int:
+    return int(sum(rle["counts"][1::2]))
+
+
+def _xywh(box: Sequence[float]) -> list:
+    x0, y0, x1, y1 = (int(v) for v in box)
+    return [x0, y0, x1 - x0, y1 - y0]
+
+
+# ---------------------------------------------------------------------------
+# Generator
+# ---------------------------------------------------------------------------
+
+
+class SamAutomaticMaskGenerator:
+    """Masks for everything in an image, from a grid of point prompts.
+
+    Arguments and defaults as Meta's / EfficientViT-SAM's generator:
+    ``points_per_side`` (or explicit ``point_grids``, one ``(N, 2)`` array in
+    [0, 1] per crop layer), ``points_per_batch``, ``pred_iou_thresh``,
+    ``stability_score_thresh``, ``stability_score_offset``,
+    ``box_nms_thresh``, ``crop_n_layers``, ``crop_nms_thresh``,
+    ``crop_overlap_ratio``, ``crop_n_points_downscale_factor``,
+    ``min_mask_region_area`` (only 0: removing small regions needs connected
+    components, not implemented), ``output_mode`` ``"binary_mask"`` or
+    ``"uncompressed_rle"``.
+    """
+
+    def __init__(self, model_or_predictor, points_per_side: Optional[int] = 32, points_per_batch: int = 64,
+                 pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
+                 stability_score_offset: float = 1.0, box_nms_thresh: float = 0.7, crop_n_layers: int = 0,
+                 crop_nms_thresh: float = 0.7, crop_overlap_ratio: float = 512 / 1500,
+                 crop_n_points_downscale_factor: int = 1, point_grids: Optional[list[np.ndarray]] = None,
+                 min_mask_region_area: int = 0, output_mode: str = "binary_mask"):
+        if (points_per_side is None) == (point_grids is None):
+            raise ValueError("give exactly one of points_per_side and point_grids")
+        if output_mode not in ("binary_mask", "uncompressed_rle"):
+            raise ValueError(f"output_mode must be 'binary_mask' or 'uncompressed_rle', got {output_mode!r}")
+        if min_mask_region_area:
+            raise ValueError("min_mask_region_area > 0 is not supported (it needs connected components)")
+        if points_per_batch < 1:
+            raise ValueError(f"points_per_batch must be at least 1, got {points_per_batch}")
+        if points_per_side is not None:
+            point_grids = build_all_layer_point_grids(points_per_side, crop_n_layers,
+                                                      crop_n_points_downscale_factor)
+        elif len(point_grids) != crop_n_layers + 1:
+            raise ValueError(f"point_grids needs {crop_n_layers + 1} grids (one per crop layer), got {len(point_grids)}")
+        self.point_grids = [np.asarray(g, np.float64).reshape(-1, 2) for g in point_grids]
+        self.predictor = (model_or_predictor if isinstance(model_or_predictor, SamPredictor)
+                          else SamPredictor(model_or_predictor))
+        self.points_per_batch = points_per_batch
+        self.pred_iou_thresh = pred_iou_thresh
+        self.stability_score_thresh = stability_score_thresh
+        self.stability_score_offset = stability_score_offset
+        self.box_nms_thresh = box_nms_thresh
+        self.crop_n_layers = crop_n_layers
+        self.crop_nms_thresh = crop_nms_thresh
+        self.crop_overlap_ratio = crop_overlap_ratio
+        self.output_mode = output_mode
+
+    def generate(self, image: ImageLike, image_format: str = "RGB") -> list[dict[str, Any]]:
+        """Records for every mask found in ``image`` (``(H, W, 3)`` uint8 or PIL)."""
+        image = as_rgb_uint8(image, image_format)
+        h, w = image.shape[:2]
+        crop_boxes, layers = generate_crop_boxes((h, w), self.crop_n_layers, self.crop_overlap_ratio)
+        parts = [self._process_crop(image, box, layer) for box, layer in zip(crop_boxes, layers)]
+        data = {k: [x for p in parts for x in p[k]] for k in ("rles", "boxes", "iou", "stability", "points", "crops")}
+        if len(crop_boxes) > 1 and data["boxes"]:
+            keep = box_nms(np.asarray(data["boxes"]), 1.0 / box_area(np.asarray(data["crops"])),
+                           self.crop_nms_thresh)
+            data = {k: [v[i] for i in keep] for k, v in data.items()}
+        records = []
+        for rle, box, iou, stab, point, crop in zip(*(data[k] for k in ("rles", "boxes", "iou", "stability",
+                                                                            "points", "crops"))):
+            seg = rle_to_mask(rle) if self.output_mode == "binary_mask" else rle
+            records.append({
+                "segmentation": seg,
+                "area": rle_area(rle),
+                "bbox": _xywh(box),
+                "predicted_iou": float(iou),
+                "point_coords": [[float(point[0]), float(point[1])]],
+                "stability_score": float(stab),
+                "crop_box": _xywh(crop),
+            })
+        return records
+
+    def _process_crop(self, image: np.ndarray, crop_box: list[int], layer: int) -> dict[str, list]:
+        x0, y0, x1, y1 = crop_box
+        crop = np.ascontiguousarray(image[y0:y1, x0:x1])
+        ch, cw = crop.shape[:2]
+        p = self.predictor
+        p.set_image(crop)
+        points = self.point_grids[layer] * np.array([[cw, ch]], np.float64)
+        out = {k: [] for k in ("rles", "boxes", "iou", "stability", "points")}
+        for start in range(0, len(points), self.points_per_batch):
+            self._process_batch(points[start : start + self.points_per_batch], (ch, cw), crop_box,
+                                image.shape[:2], out)
+        p.reset_image()
+        if out["boxes"]:
+            keep = box_nms(np.asarray(out["boxes"]), np.asarray(out["iou"]), self.box_nms_thresh)
+            out = {k: [v[i] for i in keep] for k, v in out.items()}
+        shift = np.array([x0, y0, x0, y0])
+        out["boxes"] = [b + shift for b in out["boxes"]]
+        out["points"] = [pt + shift[:2] for pt in out["points"]]
+        out["crops"] = [list(crop_box)] * len(out["rles"])
+        return out
+
+    def _process_batch(self, points: np.ndarray, crop_size: tuple[int, int], crop_box: list[int],
+                       orig_size: tuple[int, int], out: dict[str, list]) -> None:
+        p = self.predictor
+        n = len(points)
+        coords = mx.array(p.apply_coords(points[:, None, :]).astype(np.float32))
+        labels = mx.ones((n, 1), mx.int32)
+        low, iou = p.decode((coords, labels), None, None, multimask_output=True)
+        C = low.shape[1]
+        low = low.reshape(n * C, *low.shape[2:])
+        iou = np.asarray(iou.reshape(-1))
+        pts = np.repeat(points, C, axis=0)
+        keep = np.flatnonzero(iou > self.pred_iou_thresh) if self.pred_iou_thresh > 0 else np.arange(n * C)
+        if not len(keep):
+            return
+        logits = p.postprocess(low[mx.array(keep)][:, None])[:, 0]  # (K, h, w) at the crop's size
+        thr = p.model.mask_threshold
+        stab = np.asarray(stability_score(logits, thr, self.stability_score_offset))
+        if self.stability_score_thresh > 0:
+            ok = stab >= self.stability_score_thresh
+            keep, stab = keep[ok], stab[ok]
+            if not len(keep):
+                return
+            logits = logits[mx.array(np.flatnonzero(ok))]
+        masks = np.asarray(logits > thr)
+        boxes = masks_to_boxes(masks)
+        h, w = orig_size
+        edge = is_box_near_crop_edge(boxes, crop_box, [0, 0, w, h])
+        x0, y0, x1, y1 = crop_box
+        for j in np.flatnonzero(~edge):
+            m = masks[j]
+            if (x0, y0, x1, y1) != (0, 0, w, h):
+                m = np.pad(m, ((y0, h - y1), (x0, w - x1)))
+            out["rles"].append(mask_to_rle(m))
+            out["boxes"].append(boxes[j])
+            out["iou"].append(iou[keep[j]])
+            out["stability"].append(stab[j])
+            out["points"].append(pts[keep[j]])
