@@ -39,6 +39,7 @@ that fails stops all of them before anything is saved.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import tempfile
@@ -401,10 +402,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def check_model_dir(output: Path, inputs: Sequence, force: bool):
     """The checked --output folder (:func:`mlx_evit.outputs.check_output_dir`); ``ValueError`` names the problem."""
-    from mlx_evit.convert import _mlx_config_path
+    def is_model_dir(folder: Path) -> bool:  # the config.json that save_model writes
+        try:
+            return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("format") == "mlx_evit"
+        except (OSError, ValueError, AttributeError):
+            return False
 
     return check_output_dir(output, [i for i in inputs if i], force, option="--output", allow_empty=False,
-                            marker=lambda p: _mlx_config_path(p) is not None, describe="an MLX model directory")
+                            marker=is_model_dir, describe="an MLX model directory")
 
 
 def save_trained(model: nn.Module, args: argparse.Namespace, **info) -> None:
