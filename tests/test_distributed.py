@@ -101,22 +101,24 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
-# A rank patched to misbehave: ``--die-on-batch K`` (os._exit), ``--hang-on-batch K`` (sleep), on RANK only.
+# A rank patched to misbehave: ``die N RANK`` (os._exit(9)) or ``hang N RANK`` (sleep) at its N-th image load.
 WRAPPER = textwrap.dedent("""
-    import os, sys, time
+    import os, sys, threading, time
     import mlx_evit
-    from mlx_evit.classify import Classifier
-    how, batch, rank, *rest = sys.argv[1:]
+    import mlx_evit.evaluate as evaluation
+    how, nth, rank, *rest = sys.argv[1:]
     if os.environ.get("MLX_RANK") == rank:
-        original, calls = Classifier.probabilities, [0]
-        def probabilities(self, pixels):
-            calls[0] += 1
-            if calls[0] == int(batch):
+        original, calls, lock = evaluation.load_image, [0], threading.Lock()
+        def load_image(path):
+            with lock:
+                calls[0] += 1
+                count = calls[0]
+            if count == int(nth):
                 if how == "die":
                     os._exit(9)
                 time.sleep(3600)
-            return original(self, pixels)
-        Classifier.probabilities = probabilities
+            return original(path)
+        evaluation.load_image = load_image
     from mlx_evit.cli.evaluate import main
     sys.exit(main(rest))
 """)
@@ -180,9 +182,9 @@ def test_evaluation_on_two_ranks_equals_one_process(model_dir, images, tmp_path)
 
 
 def test_a_dying_rank_fails_the_run_before_anything_is_written(model_dir, images, tmp_path):
-    args = ["-c", WRAPPER, "die", "3", "1", images, "--weights", model_dir, "--batch-size", "4", "--skip-errors",
+    args = ["-c", WRAPPER, "die", "9", "1", images, "--weights", model_dir, "--batch-size", "4", "--skip-errors",
             "--output", tmp_path / "out", "--rank-timeout", "30"]
-    # Under the launcher: rank 1 dies in its third batch; rank 0 says why it stops, nothing is written.
+    # Under the launcher: rank 1 dies loading its third batch; rank 0 says why it stops, nothing is written.
     proc = launch(args)
     assert "Node with rank 1 exited with code 9" in proc.stderr
     assert "mlx_evit.evaluate: rank 0: error:" in proc.stderr and "nothing written" in proc.stderr
@@ -197,7 +199,7 @@ def test_a_dying_rank_fails_the_run_before_anything_is_written(model_dir, images
 
 
 def test_a_hanging_rank_times_out(model_dir, images, tmp_path):
-    args = ["-c", WRAPPER, "hang", "2", "1", images, "--weights", model_dir, "--batch-size", "4", "--skip-errors",
+    args = ["-c", WRAPPER, "hang", "6", "1", images, "--weights", model_dir, "--batch-size", "4", "--skip-errors",
             "--output", tmp_path / "out", "--rank-timeout", "4"]
     first = free_ports(2)
     hostfile = tmp_path / "hosts.json"
