@@ -17,6 +17,7 @@ MLX parameter paths are the original state-dict keys (``image_encoder.backbone.s
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional, Sequence
 
@@ -25,6 +26,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .. import layers as L
+from ..backend import use_native
 from ..layers import ConvNorm
 from ..mit import EfficientViTBlock, FusedMBConv, MBConv, ResBlock, Residual
 from ..registry import ModelEntry, PretrainedCfg
@@ -50,10 +52,6 @@ PROMPT_FRAME = 1024  # prompt coordinates and the mask postprocess live in a 102
 
 def _native() -> bool:
     """MLX built-in kernels (the Apple GPU path) or this package's CPU formulations."""
-    try:
-        from ..backend import use_native
-    except ImportError:  # before the backend switch existed
-        return L.native_transcendentals()
     return use_native()
 
 
@@ -576,6 +574,11 @@ class EfficientViTSam(nn.Module):
         """Normalised, padded ``(B, R, R, 3)`` images -> embeddings ``(B, 64, 64, 256)``."""
         return self.image_encoder(x)
 
+    def fuse(self) -> "EfficientViTSam":
+        """Fold the image encoder's BatchNorms into its convolutions (inference; in place)."""
+        L.fuse_modules(self.image_encoder)
+        return self
+
 
 # The released checkpoints: the original module tree, which is this one's.
 ORIGINAL_LAYOUT = KeyMap(
@@ -598,15 +601,25 @@ _XL = dict(widths=(32, 64, 128, 256, 512, 1024), blocks=("res", "fmb", "fmb", "f
            expands=(1, 4, 4, 4, 4, 6), fewer_norm=(False, False, False, False, True, True),
            neck_stages=(5, 4, 3), neck_expand=4, kernel=3, image_size=1024)
 
-# Hub file of each variant (in HF_HUB_REPO).
-HUB_FILES = {f"efficientvit_sam_{v}": f"efficientvit_sam_{v}.pt" for v in ("l0", "l1", "l2", "xl0", "xl1")}
+
+
+@dataclass(frozen=True)
+class SamPretrainedCfg(PretrainedCfg):
+    """A released EfficientViT-SAM checkpoint: ``hf_filename`` in ``hf_hub_id`` (the original ``.pt``).
+
+    Preprocessing: long side to ``input_size[1]`` (Pillow bilinear), SAM's
+    mean/std, zero padding to a square (see :mod:`mlx_evit.sam.predictor`).
+    """
+
+    hf_filename: Optional[str] = None
 
 
 def _entry(variant: str, base: dict, depths, neck_depth) -> ModelEntry:
     name = f"efficientvit_sam_{variant}"
     size = base["image_size"]
-    cfg = PretrainedCfg(tag="sa1b", input_size=(3, size, size), crop_pct=1.0, interpolation="bilinear",
-                        crop_mode="pad", mean=SAM_MEAN, std=SAM_STD, num_classes=0, hf_hub_id=HF_HUB_REPO)
+    cfg = SamPretrainedCfg(tag="sa1b", input_size=(3, size, size), crop_pct=1.0, interpolation="bilinear",
+                           crop_mode="pad", mean=SAM_MEAN, std=SAM_STD, num_classes=0, hf_hub_id=HF_HUB_REPO,
+                           hf_filename=f"{name}.pt")
     return ModelEntry(name, "sam", EfficientViTSam, dict(base, depths=depths, neck_depth=neck_depth), (cfg,))
 
 

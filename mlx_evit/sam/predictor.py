@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 from PIL import Image
 
 from ..layers import fuse_modules
@@ -82,6 +83,14 @@ def postprocess_matrices(input_size: tuple[int, int], original_size: tuple[int, 
     return mats[0], mats[1]
 
 
+def _param_dtype(model: nn.Module) -> mx.Dtype:
+    """The floating dtype of the model's weights (float32 if it has none)."""
+    for _, v in tree_flatten(model.parameters()):
+        if mx.issubdtype(v.dtype, mx.floating):
+            return v.dtype
+    return mx.float32
+
+
 class SamPredictor:
     """Segment Anything's predictor for an :class:`~mlx_evit.sam.EfficientViTSam` model.
 
@@ -104,7 +113,7 @@ class SamPredictor:
         if fuse:
             fuse_modules(model.image_encoder)
         self.model = model
-        self.dtype = dtype or mx.float32
+        self.dtype = dtype or _param_dtype(model)
         self.compile = compile
         self._decoders: dict[tuple, Any] = {}
         encoder = model.image_encoder

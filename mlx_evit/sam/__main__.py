@@ -1,0 +1,8 @@
+"""``python -m mlx_evit.sam``: see :mod:`mlx_evit.cli.sam`."""
+
+import sys
+
+from ..cli.sam import main
+
+if __name__ == "__main__":
+    sys.exit(main())
