@@ -229,6 +229,16 @@ def test_an_unreadable_image_on_one_rank_stops_all(model_dir, images, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_bad_output_on_rank_0_stops_the_other_ranks_before_the_work(model_dir, images, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("keep")
+    procs = ranks_directly(["-m", "mlx_evit.evaluate", images, "--weights", model_dir, "--output", tmp_path / "out"],
+                           tmp_path)
+    assert procs[0].returncode == 2 and "rank 0: error: --output" in procs[0].err and "--force" in procs[0].err
+    assert procs[1].returncode == EXIT_RANK_FAILED and "rank 1: error: rank 0 failed" in procs[1].err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
+
+
 def test_ranks_must_see_the_same_files(model_dir, images, tmp_path):
     """A rank whose copy of the data differs is found before any image is read."""
     other = tmp_path / "data"
