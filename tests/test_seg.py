@@ -163,7 +163,7 @@ def test_half_precision_argmax_agrees(shapes):
     ref = synthetic.fixture("seg_b0_city_128x128")
     x = mx.array(synthetic.nhwc(synthetic.synthetic_normal("input/seg_b0_city_128x128/x", (1, 3, 128, 128))))
     want = ref["resized_argmax"]
-    for dtype, min_agree in ((mx.float16, 0.98), (mx.bfloat16, 0.9)):
+    for dtype, min_agree in ((mx.float16, 0.99), (mx.bfloat16, 0.97)):  # measured 0.997, 0.986
         model = cast_model(synthetic_model("efficientvit_seg_b0_cityscapes", shapes, fuse=True), dtype)
         logits = model(x.astype(dtype))
         assert logits.dtype == dtype

@@ -342,3 +342,17 @@ def test_eval_ade20k_conventions_and_missing_labels(small_model_dir, tmp_path, c
                           "--skip-errors", "--report", "json", "-q"], capsys)
     assert code == 0 and json.loads(out)["images"] == 2 and "unpaired.jpg" in err
     assert label_file_for(images_dir / "ADE_val_00000000.jpg", images_dir, labels_dir).name == "ADE_val_00000000.png"
+
+
+def test_example_script(small_model_dir, segmenter, tmp_path):
+    image = write_images(tmp_path, 1)[0]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "examples" / "segment_image.py"), str(image),
+                           "--weights", str(small_model_dir), "--output", str(tmp_path / "seg.png")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    want = segmenter(np.asarray(Image.open(image).convert("RGB")))
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "seg.png")), want.colorize())
+    assert (tmp_path / "seg_overlay.png").is_file()
+    top = int(np.argmax(want.class_fractions()))
+    assert proc.stdout.splitlines()[0].endswith(get_dataset("cityscapes").classes[top])
