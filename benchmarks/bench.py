@@ -185,7 +185,8 @@ def load_torch(name: str, res: int, weights: str):
 
 def load_mlx(name: str, res: int, weights: str):
     """The MLX model with the benchmark weights (eval mode, unfused)."""
-    from mlx_evit.registry import build_model, create_model
+    from mlx_evit import create_model
+    from mlx_evit.registry import build_model
 
     if family(name) == "seed":
         model = build_model(name, **SEED_ARGS)
@@ -588,6 +589,7 @@ def metadata(args) -> dict:
         git=git_revision(),
         threads=args.threads,
         mlx_blas=_blas.LOADED or "bundled reference BLAS",
+        mlx_blas_core=_blas.info().core, mlx_blas_binding=_blas.info().route,
         mlx_compile=cpu_compile_available(),
         protocol=dict(warmup=args.warmup, repeats=args.repeats, burst_s=args.burst, pause_s=args.pause,
                       memory_runs=args.memory_runs if args.memory else None),

@@ -28,7 +28,9 @@ import mlx_evit  # import before mlx.core (it sets up BLAS)
 from mlx_evit.hub import HubError, pretrained_dir
 from mlx_evit.inference import prepare
 from mlx_evit.labels import imagenet_labels
+from mlx_evit.dtypes import DTYPE_NAMES
 from mlx_evit.preprocess import eval_transform
+from mlx_evit.specs import PREPROCESSING_KEYS
 
 import mlx.core as mx
 
@@ -58,7 +60,7 @@ def main() -> None:
     parser.add_argument("--output", "-o", required=True, help=".mlxfn file to write")
     parser.add_argument("--batch-size", type=int, default=1, help="images per call (default 1)")
     parser.add_argument("--image-size", type=int, help="input resolution (default: the model's)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     parser.add_argument("--quantize", type=int, choices=(4, 8), help="quantize the Linear weights to 4 or 8 bits")
     args = parser.parse_args()
     if args.batch_size < 1 or (args.image_size is not None and args.image_size < 1):
@@ -77,7 +79,7 @@ def main() -> None:
     metadata = {
         "model": model.arch_name,
         "input": {"shape": list(shape), "layout": "NHWC", "dtype": "float32"},
-        "preprocessing": {k: cfg[k] for k in ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
+        "preprocessing": {k: cfg[k] for k in PREPROCESSING_KEYS
                           if k in cfg},
         "labels": class_names(model),
     }

@@ -57,7 +57,7 @@ from mlx_evit.evaluate.distributed import RankFailure, Ranks, shard_bounds
 from mlx_evit.hub import HubError, pretrained_dir
 from mlx_evit.outputs import check_output_dir
 from mlx_evit.preprocess import INTERPOLATIONS, ImageLoadError, eval_transform, load_image
-from mlx_evit.registry import IMAGENET_MEAN, IMAGENET_STD, get_entry
+from mlx_evit.registry import IMAGENET_MEAN, IMAGENET_STD, PREPROCESSING_KEYS, get_entry
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -74,7 +74,6 @@ CLASSIFIER = {"seed": "head", "mit": "head.classifier.4", "msra": "head.linear"}
 SEED_ARCH = dict(embed_dim=32, depths=(1, 1, 2), num_heads=(2, 2, 4), mlp_ratio=3.0)
 
 # Preprocessing: the keys kept from a pretrained config, and the defaults (timm's).
-PREPROCESSING_KEYS = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
 DEFAULT_CFG = dict(input_size=(3, 224, 224), interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 Sample = tuple[Path, int]  # (image file, class index)

@@ -11,13 +11,14 @@ All models take NHWC float32 images and return logits (or features).
 """
 
 from . import _blas  # noqa: F401  (must run before mlx.core is imported)
-from .convert import convert, load, save_model
+from . import convert as _convert_package  # noqa: F401  (first: the name ``convert`` is the function below)
+from .api import convert, create_model, load, save_model
 from .layers import fuse_modules
-from .registry import create_model, get_pretrained_cfg, list_models
+from .registry import get_pretrained_cfg, list_models
 from .resize import resize  # noqa: F401  (NHWC resize equal to torch interpolate; mlx_evit.resize)
 from .seed import EfficientViT, output_size
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "EfficientViT",

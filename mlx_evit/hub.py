@@ -5,7 +5,7 @@ on the Hub (``timm/efficientvit_b1.r224_in1k``: ``model.safetensors`` +
 ``config.json``). :func:`pretrained_dir` downloads those two files with
 ``huggingface_hub`` (its standard cache, ``HF_HOME`` / ``HF_HUB_CACHE``,
 ``HF_ENDPOINT``, ``HF_HUB_OFFLINE``, resumable downloads), converts them to
-an MLX model directory (:func:`mlx_evit.convert.convert`) and keeps that
+an MLX model directory (:mod:`mlx_evit.conversion`, :mod:`mlx_evit.model_dir`) and keeps that
 directory, so later runs load it directly.
 
 Cache layout (root: ``$MLX_EVIT_CACHE``, else ``$HF_HOME/mlx_evit``)::
@@ -25,11 +25,14 @@ files the Hub cache holds are converted.
 from __future__ import annotations
 
 import os
-import tempfile
 import urllib.parse
 from pathlib import Path
 from typing import Callable, Optional
 
+from .conversion import from_checkpoint
+from .errors import HubError, one_line
+from .model_dir import save_source
+from .outputs import check_output_file
 from .registry import get_pretrained_cfg, split_name
 
 __all__ = ["HubError", "CACHE_ENV", "DEFAULT_REVISION", "cache_root", "hub_repo_id", "pretrained_dir"]
@@ -37,10 +40,6 @@ __all__ = ["HubError", "CACHE_ENV", "DEFAULT_REVISION", "cache_root", "hub_repo_
 CACHE_ENV = "MLX_EVIT_CACHE"
 DEFAULT_REVISION = "main"
 _WEIGHTS, _CONFIG = "model.safetensors", "config.json"
-
-
-class HubError(RuntimeError):
-    """Pretrained weights cannot be fetched or converted; the message says why and what to do."""
 
 
 def cache_root() -> Path:
@@ -163,7 +162,7 @@ class _Repo:
         except Exception as e:
             message = self._definite(e, filename, revision)
             if message is None:
-                raise _Unreachable(_one_line(e)) from None
+                raise _Unreachable(one_line(e)) from None
             raise HubError(message) from None
         if not commit:
             raise HubError(f"{url}: the answer has no X-Repo-Commit header; is HF_ENDPOINT a Hugging Face Hub?")
@@ -184,11 +183,11 @@ class _Repo:
         except LocalEntryNotFoundError as e:
             if local_only:
                 return None
-            raise HubError(f"{self._where(filename, revision)}: download failed ({_one_line(e)})") from None
+            raise HubError(f"{self._where(filename, revision)}: download failed ({one_line(e)})") from None
         except Exception as e:  # huggingface_hub's HTTP client errors are not all OSErrors
             message = self._definite(e, filename, revision)
             if message is None:
-                message = f"{self._where(filename, revision)}: download failed ({type(e).__name__}: {_one_line(e)})"
+                message = f"{self._where(filename, revision)}: download failed ({type(e).__name__}: {one_line(e)})"
             raise HubError(message) from None
 
     def _where(self, filename: str, revision: str) -> str:
@@ -236,14 +235,12 @@ def _is_model_dir(path: Path) -> bool:
 
 def _convert(name: str, source: Path, target: Path) -> None:
     """Convert a downloaded timm folder into ``target`` (atomic; a concurrent run may win)."""
-    from .convert import convert
-
     try:
-        convert(source, target, model=name)
+        save_source(from_checkpoint(source, name, sha256=True), target)
     except Exception as e:
         if _is_model_dir(target):  # another process finished the same conversion first
             return
-        raise HubError(f"cannot convert {source} for {name}: {_one_line(e)}") from None
+        raise HubError(f"cannot convert {source} for {name}: {one_line(e)}") from None
 
 
 def _write_ref(ref: Path, commit: str) -> None:
@@ -252,14 +249,6 @@ def _write_ref(ref: Path, commit: str) -> None:
         if ref.is_file() and ref.read_text(encoding="ascii").strip() == commit:
             return
         ref.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=ref.parent, prefix=".ref-")
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(commit)
-        os.replace(tmp, ref)
-    except (OSError, UnicodeDecodeError):
+        check_output_file(ref, force=True).write_text(commit, encoding="ascii")
+    except (OSError, UnicodeDecodeError, ValueError):
         pass
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text or type(e).__name__

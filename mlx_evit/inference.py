@@ -47,7 +47,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .backend import default_device_is_gpu
-from .convert import cast_model, model_dtype, parse_dtype
+from .dtypes import cast_model, model_dtype, parse_dtype
 
 __all__ = ["Predictor", "prepare", "quantizable", "parameter_bytes", "cpu_compile_available"]
 

@@ -39,7 +39,8 @@ from .layers import (
     linear_attention,
     relu,
 )
-from .registry import PretrainedCfg, ModelEntry
+from .metadata import Described
+from .specs import ModelEntry, PretrainedCfg
 from .weights import KeyMap
 
 __all__ = [
@@ -315,7 +316,7 @@ ORIGINAL_LARGE_LAYOUT = KeyMap(
 # ---------------------------------------------------------------------------
 
 
-class MitEfficientViT(nn.Module):
+class MitEfficientViT(Described, nn.Module):
     """MIT EfficientViT classifier (B or L series), NHWC.
 
     ``widths``/``depths``: stem then four stages (timm's convention: B stages

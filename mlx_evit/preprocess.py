@@ -35,7 +35,8 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .registry import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
+from .errors import one_line
+from .specs import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
 
 __all__ = [
     "ImageLoadError",
@@ -110,7 +111,7 @@ def load_image(path: PathLike) -> Image.Image:
             "raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"
         ) from None
     except _LOAD_ERRORS as e:
-        raise ImageLoadError(f"{name}: cannot decode image ({_one_line(e)})") from None
+        raise ImageLoadError(f"{name}: cannot decode image ({one_line(e)})") from None
 
 
 def _check_pixel_limit(img: Image.Image) -> None:
@@ -120,11 +121,6 @@ def _check_pixel_limit(img: Image.Image) -> None:
         raise Image.DecompressionBombError(
             f"Image size ({img.width * img.height} pixels) exceeds limit of {limit} pixels"
         )
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text or type(e).__name__
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -9,69 +9,18 @@ the registry collects them the first time it is asked.
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import functools
 import importlib
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import mlx.nn as nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .metadata import set_model_info
+from .specs import IMAGENET_MEAN, IMAGENET_STD, PREPROCESSING_KEYS, ModelEntry, PretrainedCfg  # noqa: F401 (re-exported)
 
 # Family modules that contribute MODELS tables, imported on first use.
 FAMILY_MODULES = ("mlx_evit.seed", "mlx_evit.mit", "mlx_evit.msra", "mlx_evit.seg", "mlx_evit.sam")
-
-
-@dataclass(frozen=True)
-class PretrainedCfg:
-    """Evaluation preprocessing and provenance of one pretrained tag (as in timm)."""
-
-    tag: str
-    input_size: tuple[int, int, int] = (3, 224, 224)  # (C, H, W), timm order
-    crop_pct: float = 0.875
-    interpolation: str = "bicubic"
-    crop_mode: str = "center"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    num_classes: int = 1000
-    hf_hub_id: Optional[str] = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["input_size"] = list(self.input_size)
-        d["mean"] = list(self.mean)
-        d["std"] = list(self.std)
-        return d
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    """One architecture: its builder, default arguments and pretrained tags.
-
-    ``builder(**args)`` returns the model; ``args`` are ``defaults`` updated
-    with the caller's overrides. ``tags`` are in timm's order; the first is
-    the default tag.
-    """
-
-    name: str
-    family: str
-    builder: Callable[..., nn.Module]
-    defaults: dict[str, Any] = field(default_factory=dict)
-    tags: tuple[PretrainedCfg, ...] = ()
-
-    def cfg(self, tag: Optional[str] = None) -> Optional[PretrainedCfg]:
-        if not self.tags:
-            if tag:
-                raise ValueError(f"model {self.name!r} has no pretrained tags (asked for {tag!r})")
-            return None
-        if tag is None:
-            return self.tags[0]
-        for cfg in self.tags:
-            if cfg.tag == tag:
-                return cfg
-        known = ", ".join(f"{self.name}.{c.tag}" for c in self.tags)
-        raise ValueError(f"unknown pretrained tag {tag!r} for {self.name}; known: {known}")
 
 
 @functools.cache
@@ -116,8 +65,6 @@ def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
     With ``pretrained=True``, the tagged names (``efficientvit_b1.r224_in1k``)
     instead of the architectures.
     """
-    import fnmatch
-
     names = []
     for entry in _entries().values():
         if pretrained:
@@ -128,7 +75,11 @@ def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
 
 
 def build_model(name: str, num_classes: Optional[int] = None, **overrides: Any) -> nn.Module:
-    """Build an architecture with random weights (see :func:`create_model`)."""
+    """Build an architecture with random weights (``mlx_evit.create_model`` without weights).
+
+    The model's :class:`~mlx_evit.metadata.ModelInfo` records the
+    architecture, the arguments and the tag's preprocessing config.
+    """
     entry = get_entry(name)
     arch, tag = split_name(name)
     cfg = entry.cfg(tag)
@@ -137,29 +88,5 @@ def build_model(name: str, num_classes: Optional[int] = None, **overrides: Any) 
     if num_classes is not None:
         args["num_classes"] = num_classes
     model = entry.builder(**args)
-    model.arch_name = entry.name
-    model.arch_args = args
-    model.pretrained_cfg = cfg.to_dict() if cfg is not None else None
+    set_model_info(model, architecture=entry.name, args=args, pretrained_cfg=cfg.to_dict() if cfg is not None else None)
     return model
-
-
-def create_model(
-    name: str,
-    num_classes: Optional[int] = None,
-    pretrained: Optional[str] = None,
-    **overrides: Any,
-) -> nn.Module:
-    """Build a registered model, optionally loading a checkpoint file.
-
-    ``name``: architecture or tagged name (``efficientvit_b1.r288_in1k``; the
-    tag selects ``model.pretrained_cfg``, the preprocessing). ``num_classes``
-    and ``overrides`` change the architecture arguments. ``pretrained``: path
-    of a checkpoint in any supported layout (MLX directory, timm
-    safetensors, PyTorch pickle); the model is returned in eval mode, taking
-    NHWC float32 normalized images and returning logits.
-    """
-    if pretrained is None:
-        return build_model(name, num_classes=num_classes, **overrides)
-    from .convert import load_into  # checkpoints need the reader; imported lazily
-
-    return load_into(name, pretrained, num_classes=num_classes, **overrides)

@@ -29,7 +29,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .layers import Conv2d, DepthwiseConv2d, check_image_input, elu_plus_one, gelu, linear_attention
-from .registry import ModelEntry
+from .metadata import Described
+from .specs import ModelEntry
 
 __all__ = [
     "EfficientViT",
@@ -126,25 +127,13 @@ class SeedConfig:
         return self.num_classes if self.num_classes else self.num_features
 
 
-def output_size(
-    *,
-    image_size: int = 224,
-    patch_size: int = 16,
-    in_channels: int = 3,
-    embed_dim: int = 64,
-    depths: Sequence[int] = (1, 2, 3),
-    num_heads: Sequence[int] = (4, 4, 4),
-    mlp_ratio: float = 4.0,
-    num_classes: Optional[int] = None,
-) -> int:
+def output_size(**options: Any) -> int:
     """Width of the model's output: ``num_classes`` if given, else ``embed_dim * 2**(stages - 1)``.
 
-    Takes the same options as :meth:`EfficientViT.build` and validates them
-    the same way.
+    Takes the same options as :meth:`EfficientViT.build` (the fields of
+    :class:`SeedConfig`, same defaults) and validates them the same way.
     """
-    return SeedConfig(
-        image_size, patch_size, in_channels, embed_dim, depths, num_heads, mlp_ratio, num_classes
-    ).output_size
+    return SeedConfig(**options).output_size
 
 
 # ---------------------------------------------------------------------------
@@ -283,7 +272,7 @@ class SeedStage(nn.Module):
 # ---------------------------------------------------------------------------
 
 
-class EfficientViT(nn.Module):
+class EfficientViT(Described, nn.Module):
     """The seed model. Build it with :meth:`build` (the seed's options).
 
     ``model(x)``: ``x`` ``(B, H, W, in_channels)`` float, ``H`` and ``W``
@@ -316,26 +305,18 @@ class EfficientViT(nn.Module):
         self.head = nn.Linear(c.num_features, c.num_classes) if c.num_classes else None
 
     @classmethod
-    def build(
-        cls,
-        *,
-        image_size: int = 224,
-        patch_size: int = 16,
-        in_channels: int = 3,
-        embed_dim: int = 64,
-        depths: Sequence[int] = (1, 2, 3),
-        num_heads: Sequence[int] = (4, 4, 4),
-        mlp_ratio: float = 4.0,
-        num_classes: Optional[int] = None,
-    ) -> "EfficientViT":
+    def build(cls, **options: Any) -> "EfficientViT":
         """Build the model with random weights; invalid options raise ``ValueError`` naming them.
+
+        ``options``: the fields of :class:`SeedConfig` (the one place their
+        defaults are written): ``image_size=224, patch_size=16,
+        in_channels=3, embed_dim=64, depths=(1, 2, 3), num_heads=(4, 4, 4),
+        mlp_ratio=4.0, num_classes=None``.
 
         ``num_classes`` ``None`` (or 0) leaves out the classifier, so the
         model returns pooled features ``(B, embed_dim * 2**(len(depths) - 1))``.
         """
-        return cls(
-            SeedConfig(image_size, patch_size, in_channels, embed_dim, depths, num_heads, mlp_ratio, num_classes)
-        )
+        return cls(SeedConfig(**options))
 
     @property
     def output_size(self) -> int:
@@ -388,15 +369,6 @@ MODELS = (
         "efficientvit_seed",
         "seed",
         _build_seed,
-        defaults=dict(
-            image_size=224,
-            patch_size=16,
-            in_channels=3,
-            embed_dim=64,
-            depths=(1, 2, 3),
-            num_heads=(4, 4, 4),
-            mlp_ratio=4.0,
-            num_classes=None,
-        ),
+        defaults=asdict(SeedConfig()),
     ),
 )

@@ -39,7 +39,8 @@ import mlx.nn as nn
 
 from .layers import ConvNorm, check_image_input, fuse_modules, get_act
 from .mit import ORIGINAL_LARGE_LAYOUT, ORIGINAL_LAYOUT, FusedMBConv, MBConv, MitEfficientViT, Residual, Stage, Stem
-from .registry import ModelEntry, PretrainedCfg
+from .metadata import Described
+from .specs import ModelEntry, PretrainedCfg
 from .resize import resize
 from .weights import KeyMap
 
@@ -148,7 +149,7 @@ class SegHead(nn.Module):
         return x
 
 
-class EfficientViTSeg(nn.Module):
+class EfficientViTSeg(Described, nn.Module):
     """EfficientViT-Seg: MIT backbone + :class:`SegHead`, NHWC.
 
     ``widths``/``depths``/``head_dim``/``large``: the backbone, as for

@@ -17,11 +17,24 @@ from typing import Iterable, Mapping, Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
+from .errors import CheckpointMismatchError
 from .layers import torch_to_mlx
 
-__all__ = ["KeyMap", "CheckpointMismatchError", "load_state_dict", "map_state_dict", "select_layout"]
+__all__ = [
+    "KeyMap",
+    "IDENTITY",
+    "CheckpointMismatchError",
+    "load_state_dict",
+    "load_params",
+    "adapt_params",
+    "fit_report",
+    "map_state_dict",
+    "rename_state_dict",
+    "param_shapes",
+    "select_layout",
+]
 
 
 @dataclass(frozen=True)
@@ -55,16 +68,6 @@ class KeyMap:
         return sum(1 for k in keys if re.search(self.marker, k))
 
 
-class CheckpointMismatchError(ValueError):
-    """A checkpoint does not fit the model; the message lists the keys."""
-
-    def __init__(self, message: str, missing=(), unexpected=(), mismatched=()):
-        super().__init__(message)
-        self.missing = list(missing)
-        self.unexpected = list(unexpected)
-        self.mismatched = list(mismatched)
-
-
 def _listing(title: str, items: Sequence[str], limit: int = 12) -> str:
     shown = "\n".join(f"    {s}" for s in items[:limit])
     more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
@@ -85,16 +88,20 @@ def select_layout(keys: Iterable[str], layouts: Sequence[KeyMap]) -> KeyMap:
     return layouts[best]
 
 
-def map_state_dict(
-    model: nn.Module, state: Mapping[str, np.ndarray], layout: KeyMap
-) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Rename and convert ``state`` for ``model``; returns (params, mlx_key -> source_key).
+IDENTITY = KeyMap(name="renamed", marker="", drop=())
+"""Keys already renamed to MLX paths pass through unchanged."""
 
-    Keys that map to no module of the model are kept under their mapped name
-    so that :func:`load_state_dict` can report them.
-    """
-    modules = dict(model.named_modules())
-    params: dict[str, np.ndarray] = {}
+
+def param_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Parameter path -> shape, in model order (no evaluation: MLX initialisation is lazy)."""
+    return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+
+
+def rename_state_dict(
+    state: Mapping[str, np.ndarray], layout: KeyMap
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """``(state keyed by MLX path, MLX path -> source key)`` under ``layout``; dropped keys left out."""
+    renamed: dict[str, np.ndarray] = {}
     origin: dict[str, str] = {}
     for src, value in state.items():
         dst = layout.target(src)
@@ -104,12 +111,108 @@ def map_state_dict(
             raise CheckpointMismatchError(
                 f"checkpoint keys {origin[dst]!r} and {src!r} both map to parameter {dst!r}"
             )
+        renamed[dst] = value
+        origin[dst] = src
+    return renamed, origin
+
+
+def map_state_dict(
+    model: nn.Module, state: Mapping[str, np.ndarray], layout: KeyMap
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Rename and convert ``state`` for ``model``; returns (params, mlx_key -> source_key).
+
+    Each tensor is converted for the module that receives it
+    (:func:`mlx_evit.layers.torch_to_mlx`); keys that map to no module of
+    the model are kept under their mapped name so that the strict load can
+    report them.
+    """
+    renamed, origin = rename_state_dict(state, layout)
+    modules = dict(model.named_modules())
+    params: dict[str, np.ndarray] = {}
+    for dst, value in renamed.items():
         mod_path, _, leaf = dst.rpartition(".")
         module = modules.get(mod_path)
         value = np.asarray(value)
         params[dst] = torch_to_mlx(module, leaf, value) if module is not None else value
-        origin[dst] = src
     return params, origin
+
+
+def adapt_params(model: nn.Module, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """MLX-layout ``params`` after the model's own fix-up hook ``adapt_checkpoint`` (if it has one).
+
+    The hook (e.g. resizing attention-bias tables, averaging a distillation
+    head) runs once per load; it may warn.
+    """
+    adapt = getattr(model, "adapt_checkpoint", None)
+    return adapt(params) if adapt is not None else params
+
+
+def fit_report(
+    model: nn.Module, params: Mapping[str, np.ndarray], origin: Optional[Mapping[str, str]] = None
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """``(missing, unexpected, mismatched)`` of (adapted) ``params`` against the model, named by source key.
+
+    ``missing`` in model order; ``mismatched`` entries read
+    ``"source_key: checkpoint (shape) vs model (shape)"``.
+    """
+    origin = origin or {}
+    expected = param_shapes(model)
+    missing = tuple(k for k in expected if k not in params)
+
+    def named(k: str) -> str:
+        src = origin.get(k, k)
+        return src + (f" (-> {k})" if src != k else "")
+
+    unexpected = tuple(sorted(named(k) for k in params if k not in expected))
+    mismatched = tuple(
+        f"{origin.get(k, k)}: checkpoint {tuple(params[k].shape)} vs model {shape}"
+        + (f" (parameter {k})" if origin.get(k, k) != k else "")
+        for k, shape in expected.items() if k in params and tuple(params[k].shape) != shape
+    )
+    return missing, unexpected, mismatched
+
+
+def load_params(
+    model: nn.Module,
+    params: Mapping[str, np.ndarray],
+    *,
+    origin: Optional[Mapping[str, str]] = None,
+    source: str = "checkpoint",
+    layout: str = "mlx",
+    adapted: bool = False,
+) -> None:
+    """Load MLX-layout ``params`` (numpy arrays) into ``model``, strictly: the one loading path.
+
+    Applies ``adapt_checkpoint`` unless ``adapted``; every model parameter
+    must be given with the right shape and nothing else, else
+    :class:`CheckpointMismatchError` lists the missing, unexpected and
+    wrongly-shaped keys (by their ``origin`` source names). Floating arrays
+    are cast to the parameter's dtype; the arrays go in through MLX's
+    ``load_weights(strict=True)`` and are evaluated.
+    """
+    if not adapted:
+        params = adapt_params(model, dict(params))
+    missing, unexpected, mismatched = fit_report(model, params, origin)
+    if missing or unexpected or mismatched:
+        missing = tuple(sorted(missing))
+        name = getattr(model, "arch_name", None) or type(model).__name__
+        parts = [f"{source} ({layout} layout) does not fit {name}:"]
+        if missing:
+            parts.append(_listing("missing keys (model parameters not in the checkpoint)", list(missing)))
+        if unexpected:
+            parts.append(_listing("unexpected keys (checkpoint entries the model does not have)", list(unexpected)))
+        if mismatched:
+            parts.append(_listing("wrong shapes", list(mismatched)))
+        raise CheckpointMismatchError("\n".join(parts), missing, unexpected, mismatched)
+    expected = dict(tree_flatten(model.parameters()))
+    arrays = []
+    for k, v in params.items():
+        arr = mx.array(np.ascontiguousarray(v))
+        if mx.issubdtype(expected[k].dtype, mx.floating) and arr.dtype != expected[k].dtype:
+            arr = arr.astype(expected[k].dtype)
+        arrays.append((k, arr))
+    model.load_weights(arrays, strict=True)
+    mx.eval(model.parameters())
 
 
 def load_state_dict(
@@ -136,39 +239,5 @@ def load_state_dict(
             raise ValueError(f"{type(model).__name__} declares no checkpoint layouts")
         layout = select_layout(state.keys(), layouts)
     params, origin = map_state_dict(model, state, layout)
-    adapt = getattr(model, "adapt_checkpoint", None)
-    if adapt is not None:
-        params = adapt(params)
-
-    expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(k for k in expected if k not in params)
-    unexpected = sorted(f"{origin.get(k, k)}" + (f" (-> {k})" if origin.get(k, k) != k else "")
-                        for k in params if k not in expected)
-    mismatched = []
-    for k, v in params.items():
-        if k in expected and tuple(v.shape) != tuple(expected[k].shape):
-            src = origin.get(k, k)
-            mismatched.append(
-                f"{src}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-                + (f" (parameter {k})" if src != k else "")
-            )
-    if missing or unexpected or mismatched:
-        parts = [f"{source} ({layout.name} layout) does not fit {getattr(model, 'arch_name', type(model).__name__)}:"]
-        if missing:
-            parts.append(_listing("missing keys (model parameters not in the checkpoint)", missing))
-        if unexpected:
-            parts.append(_listing("unexpected keys (checkpoint entries the model does not have)", unexpected))
-        if mismatched:
-            parts.append(_listing("wrong shapes", mismatched))
-        raise CheckpointMismatchError("\n".join(parts), missing, unexpected, mismatched)
-
-    arrays = []
-    for k, v in params.items():
-        ref = expected[k]
-        arr = mx.array(np.ascontiguousarray(v))
-        if mx.issubdtype(ref.dtype, mx.floating):
-            arr = arr.astype(ref.dtype)
-        arrays.append((k, arr))
-    model.update(tree_unflatten(arrays))
-    mx.eval(model.parameters())
+    load_params(model, params, origin=origin, source=source, layout=layout.name)
     return layout

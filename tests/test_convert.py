@@ -17,7 +17,6 @@ key tables).
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import os
 import re
@@ -48,7 +47,6 @@ torch.set_num_threads(2)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = synthetic.FIXTURES
-CONVERT_MODULE = importlib.import_module("mlx_evit.convert")  # the package attribute is the function
 TOL = dict(atol=1e-4, rtol=1e-4)
 
 MIT = ("b0", "b1", "b2", "b3", "l1", "l2")  # l3: test_l3_from_timm_safetensors
@@ -175,7 +173,7 @@ def _round_trip(variant: str, tmp_path: Path, tag: str | None = None) -> None:
     assert result.model.startswith(name) and result.source_format == "torch-zip"
     config = _check_converted(tmp_path / "from_original", x, ref, name, result.layout)
     assert config["source"]["wrapper"] == wrapper
-    assert config["source"]["sha256"] == read_checkpoint(path)[1].sha256
+    assert config["source"]["sha256"] == read_checkpoint(path, sha256=True)[1].sha256
     if mit:
         assert config["attention_eps"] == config["arch_args"]["attention_eps"] == 1e-15
 
@@ -294,7 +292,7 @@ def test_model_option_verifies_the_checkpoint(b0, tmp_path, capsys):
     err = lines[-1]
     assert err.startswith("mlx-evit-convert: error:") and sum("error" in line for line in lines) == 1
     assert "does not fit efficientvit_b1" in err and "wrong shape" in err and "looks like efficientvit_b0" in err
-    assert "stem.in_conv.conv.weight (8, 3, 3, 3) vs (16, 3, 3, 3)" in err
+    assert "stem.in_conv.conv.weight: checkpoint (8, 3, 3, 3) vs model (16, 3, 3, 3)" in err
     assert main([str(path), str(tmp_path / "m0"), "--model", "efficientvit_m0"]) == 1
     err = capsys.readouterr().err
     assert "does not fit efficientvit_m0" in err and "it looks like efficientvit_b0" in err
@@ -433,8 +431,9 @@ def test_newer_format_and_broken_config_are_refused(b0, tmp_path):
     with pytest.raises(ConversionError, match="arch_args do not build efficientvit_b0"):
         load(out)
     (out / "config.json").write_text(json.dumps(dict(config, arch_args=dict(config["arch_args"], num_classes=10))))
-    with pytest.raises(CheckpointMismatchError, match=r"does not fit efficientvit_b0 built from its config.json: "
-                                                      r"2 wrong shape \(e.g. head.classifier.4.weight \(1000, 1280\)"):
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)model.safetensors \(mlx layout\) does not fit "
+                                                      r"efficientvit_b0:.*wrong shapes \(2\):\n    head.classifier.4.weight: "
+                                                      r"checkpoint \(1000, 1280\) vs model \(10, 1280\)"):
         load(out)
     (out / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
@@ -533,14 +532,12 @@ def test_hostile_inputs_get_one_line_errors(b0, tmp_path, capsys):
     assert "OUT_DIR" in capsys.readouterr().err
 
 
-def test_ambiguous_checkpoint_lists_candidates(monkeypatch, b0):
+def test_ambiguous_checkpoint_lists_candidates(b0):
     tensors, info = read_checkpoint(b0[0])
-    fit = CONVERT_MODULE._fit("efficientvit_b0", tensors)
-    monkeypatch.setattr(CONVERT_MODULE, "_candidates", lambda: ["efficientvit_b0", "efficientvit_b0"])
+    assert detect_model(tensors, info) == "efficientvit_b0"  # one exact fit among all registered models
     with pytest.raises(ConversionError, match="ambiguous checkpoint .* efficientvit_b0, efficientvit_b0; "
                                               "choose one with --model"):
-        detect_model(tensors, info)
-    assert fit.exact
+        detect_model(tensors, info, candidates=["efficientvit_b0", "efficientvit_b0"])
 
 
 # ---------------------------------------------------------------------------
@@ -585,11 +582,15 @@ def test_failure_midway_leaves_nothing(b0, tmp_path, monkeypatch):
     with --force the previous directory survives untouched."""
     src = b0[0]
 
-    def fail(path, text):
+    write_text = Path.write_text
+
+    def fail(path, text, *args, **kwargs):
+        if path.name != "config.json":
+            return write_text(path, text, *args, **kwargs)
         assert (path.parent / "model.safetensors").stat().st_size > 1000  # mid-way indeed
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(CONVERT_MODULE, "_write_text", fail)
+    monkeypatch.setattr(Path, "write_text", fail)
     with pytest.raises(OSError, match="No space left"):
         convert(src, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
@@ -597,7 +598,7 @@ def test_failure_midway_leaves_nothing(b0, tmp_path, monkeypatch):
     monkeypatch.undo()
     convert(src, tmp_path / "out")
     before = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in (tmp_path / "out").iterdir())
-    monkeypatch.setattr(CONVERT_MODULE, "_write_text", fail)
+    monkeypatch.setattr(Path, "write_text", fail)
     assert main([str(src), str(tmp_path / "out"), "--force"]) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     after = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in (tmp_path / "out").iterdir())
@@ -608,7 +609,7 @@ def test_interrupt_leaves_nothing(b0, tmp_path, monkeypatch, capsys):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(CONVERT_MODULE, "_write_text", interrupt)
+    monkeypatch.setattr(Path, "write_text", interrupt)
     assert main([str(b0[0]), str(tmp_path / "out")]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
@@ -637,5 +638,5 @@ def test_console_script_is_declared():
     from importlib.metadata import entry_points
 
     (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "mlx-evit-convert"]
-    assert ep.value == "mlx_evit.convert:main" and ep.load() is main
+    assert ep.value == "mlx_evit.cli.convert:main" and ep.load() is main  # mlx_evit.convert.main is the same
     assert set(SUPPORTED) <= set(list_models())

@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Callable, Optional, Sequence, TextIO
 
+from ..dtypes import DTYPE_NAMES
+
 __all__ = ["main", "build_parser"]
 
 PROG = "python -m mlx_evit.evaluate"
@@ -95,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-map", metavar="FILE", help="folder -> class table (JSON object, or FOLDER<TAB>CLASS lines)")
     p.add_argument("--labels", metavar="FILE", help="class names of the model (one per line, or JSON)")
     p.add_argument("--batch-size", "-b", type=_positive_int, default=16, metavar="N", help="images per batch (16)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
                    help="model dtype (default float32; half precision is for the GPU)")
     p.add_argument("--skip-errors", action="store_true",
                    help="report unreadable images, leave them out and count them in the summary")

@@ -17,12 +17,13 @@ from typing import Any, Callable, Optional, Sequence, TextIO
 
 import numpy as np
 
+from ..dtypes import DTYPE_NAMES
+
 __all__ = ["main", "build_parser", "label_file_for"]
 
 PROG = "python -m mlx_evit.segment"
 FORMATS = ("none", "json", "csv")
 REPORTS = ("text", "json")
-DTYPES = ("float32", "float16", "bfloat16")
 EXIT_OK, EXIT_IMAGES_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEBUG_ENV = "MLX_EVIT_DEBUG"
 
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-overlay", action="store_true", help="write no overlay PNGs")
     parser.add_argument("--dataset", choices=("cityscapes", "ade20k"),
                         help="classes and label conventions (default: the model's)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="model dtype (default float32)")
     parser.add_argument("--resize-method", choices=("ipp", "opencv"), default="ipp",
                         help="which OpenCV cubic resize to reproduce (default ipp: what x86 OpenCV wheels run)")
     parser.add_argument("--recursive", "-r", action="store_true", help="descend into subfolders; '**' in patterns")

@@ -29,7 +29,8 @@ from .. import layers as L
 from ..backend import use_native
 from ..layers import ConvNorm
 from ..mit import EfficientViTBlock, FusedMBConv, MBConv, ResBlock, Residual
-from ..registry import ModelEntry, PretrainedCfg
+from ..metadata import Described
+from ..specs import ModelEntry, PretrainedCfg
 from ..weights import KeyMap
 
 __all__ = [
@@ -539,7 +540,7 @@ class MaskDecoder(nn.Module):
 # ---------------------------------------------------------------------------
 
 
-class EfficientViTSam(nn.Module):
+class EfficientViTSam(Described, nn.Module):
     """EfficientViT-SAM: ``image_encoder``, ``prompt_encoder``, ``mask_decoder``.
 
     ``image_size``: the encoder input R (512 for L0-L2, 1024 for XL0/XL1);

@@ -106,7 +106,7 @@ class SamPredictor:
             raise TypeError(f"SamPredictor needs an EfficientViT-SAM model, got {type(model).__name__}")
         model.eval()
         if dtype is not None:
-            from ..convert import cast_model, parse_dtype
+            from ..dtypes import cast_model, parse_dtype
 
             dtype = parse_dtype(dtype)
             cast_model(model, dtype)

@@ -1,0 +1,8 @@
+"""``python -m mlx_evit``: see :mod:`mlx_evit.cli.main`."""
+
+import sys
+
+from .cli.main import main
+
+if __name__ == "__main__":
+    sys.exit(main())

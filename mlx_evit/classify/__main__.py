@@ -1,0 +1,8 @@
+"""``python -m mlx_evit.classify``: see :mod:`mlx_evit.cli.classify`."""
+
+import sys
+
+from ..cli.classify import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""``python -m mlx_evit.classify`` / ``mlx-evit-classify``: classify image files, print or write the results.
+
+Results go through :mod:`mlx_evit.outputs` (checked before the model loads,
+never over an input, written atomically); failed images are records in every
+structured format. The library is :class:`mlx_evit.classify.Classifier`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence, TextIO
+
+from ..classifier import (
+    DEFAULT_MODEL,
+    Classification,
+    Classifier,
+    ClassifierError,
+    ImageFailure,
+    expand_inputs,
+)
+from ..dtypes import DTYPE_NAMES
+from ..errors import HubError, one_line
+from ..outputs import OutputError, check_output_file
+
+__all__ = ["main", "build_parser", "FORMATS", "CSV_COLUMNS"]
+
+FORMATS = ("text", "json", "jsonl", "csv")
+CSV_COLUMNS = ("file", "model", "rank", "index", "label", "wnid", "score", "error")
+
+EXIT_OK, EXIT_IMAGES_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+DEBUG_ENV = "MLX_EVIT_DEBUG"  # set to 1: unexpected errors raise with their traceback
+
+
+# ---------------------------------------------------------------- output
+
+
+def _record(result: Classification, model: str) -> dict[str, Any]:
+    return {"file": result.file, "model": model, "top_k": [p.to_dict() for p in result.top_k]}
+
+
+def _failure_record(failure: ImageFailure) -> dict[str, Any]:
+    return {"file": failure.file, "error": failure.message}
+
+
+class _Writer:
+    """Writes results in one format to a text stream (JSON is written at the end, as one list).
+
+    Failed images are records too (``{"file", "error"}``; a csv row with only
+    ``file``, ``model`` and ``error``); the text format reports them on stderr only.
+    """
+
+    def __init__(self, fmt: str, stream: TextIO, model: str):
+        self.fmt, self.stream, self.model = fmt, stream, model
+        self.records: list[dict[str, Any]] = []
+        self.csv = None
+        if fmt == "csv":
+            self.csv = csv.writer(stream, lineterminator="\n")
+            self.csv.writerow(CSV_COLUMNS)
+
+    def write(self, result: Classification) -> None:
+        if self.fmt == "text":
+            lines = [result.file] + [f"  {100 * p.score:5.1f}%  {p.label}" for p in result.top_k]
+            self.stream.write("\n".join(lines) + "\n")
+        elif self.fmt == "json":
+            self.records.append(_record(result, self.model))
+        elif self.fmt == "jsonl":
+            self.stream.write(json.dumps(_record(result, self.model), ensure_ascii=False) + "\n")
+        else:
+            for rank, p in enumerate(result.top_k, 1):
+                self.csv.writerow((result.file, self.model, rank, p.index, p.label, p.wnid or "", repr(p.score), ""))
+        self.stream.flush()
+
+    def fail(self, failure: ImageFailure) -> None:
+        if self.fmt == "json":
+            self.records.append(_failure_record(failure))
+        elif self.fmt == "jsonl":
+            self.stream.write(json.dumps(_failure_record(failure), ensure_ascii=False) + "\n")
+        elif self.fmt == "csv":
+            self.csv.writerow((failure.file, self.model, "", "", "", "", "", failure.message))
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.fmt == "json":
+            self.stream.write(json.dumps(self.records, indent=2, ensure_ascii=False) + "\n")
+        self.stream.flush()
+
+
+class _Progress:
+    """A progress bar on stderr (redrawn in place on a terminal, one line per update otherwise)."""
+
+    def __init__(self, total: int, stream: TextIO, enabled: bool):
+        self.total, self.stream, self.enabled = total, stream, enabled
+        self.done, self.start = 0, time.perf_counter()
+        self.tty = enabled and stream.isatty()
+
+    def update(self, n: int) -> None:
+        if not self.enabled:
+            return
+        self.done += n
+        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+        if self.tty:
+            width = 30
+            filled = int(width * self.done / self.total)
+            bar = "#" * filled + "." * (width - filled)
+            self.stream.write(f"\r[{bar}] {self.done}/{self.total} images, {rate:.1f} img/s")
+            if self.done >= self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(f"classified {self.done}/{self.total} images ({rate:.1f} img/s)\n")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        """End an unfinished bar so that a message starts on a fresh line."""
+        if self.tty and 0 < self.done < self.total:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------- CLI
+
+_EPILOG = f"""\
+inputs:
+  image files, folders (their image files; subfolders with --recursive) and
+  glob patterns (quote them: "photos/*.jpg"; "**" needs --recursive).
+
+weights:
+  without --weights, the tag's timm weights (timm/<name>.<tag> on the
+  Hugging Face Hub) are downloaded once, converted to MLX and cached under
+  $MLX_EVIT_CACHE (default: $HF_HOME/mlx_evit). HF_ENDPOINT, HF_HOME and
+  HF_HUB_OFFLINE=1 are honoured; offline, the cached conversion is used.
+
+output formats (--format):
+  text   per image: the file, then "  81.2%  tabby" lines
+  json   a list of {{"file", "model", "top_k": [{{"index", "label", "wnid", "score"}}]}}
+  jsonl  one such record per line
+  csv    columns {",".join(CSV_COLUMNS)} (one row per file and rank)
+  scores are softmax probabilities. Unreadable images are reported on stderr
+  and, in json/jsonl/csv, as records {{"file", "error"}} (csv: the error column).
+
+output (--output):
+  "-" is stdout. A symbolic link is written through (its target gets the
+  results); a terminal, /dev/null or a FIFO is written, never replaced; an
+  input of the run (also through a link) is refused; a replaced file keeps
+  its permissions and hard links; files are written atomically. A run that
+  stops at an unreadable image (no --skip-errors) leaves an existing output
+  file as it was. The target is checked before the model loads.
+
+exit status:
+  {EXIT_OK}    every image was classified (with --skip-errors: at least one was)
+  {EXIT_IMAGES_FAILED}    an image could not be read (the run stops there unless --skip-errors)
+  {EXIT_USAGE}    bad arguments, or the model, weights or labels cannot be loaded
+  {EXIT_INTERNAL}    an unexpected error (a bug: rerun with {DEBUG_ENV}=1 for the traceback)
+  {EXIT_INTERRUPTED}  interrupted
+
+examples:
+  python -m mlx_evit.classify cat.jpg
+  python -m mlx_evit.classify photos/ --recursive --format csv --output results.csv
+  python -m mlx_evit.classify "shots/*.png" --model efficientvit_m5.r224_in1k --top-k 3
+  python -m mlx_evit.classify img.jpg --weights converted_model_dir --labels classes.txt
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m mlx_evit.classify``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m mlx_evit.classify",
+        description="Classify images with an EfficientViT model (ImageNet-1k labels by default).",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder or glob pattern")
+    parser.add_argument(
+        "--model", "-m", metavar="NAME",
+        help=f"registered model name with tag (default: {DEFAULT_MODEL}; with --weights: what the weights say)",
+    )
+    parser.add_argument(
+        "--weights", "-w", metavar="PATH",
+        help="converted MLX model folder, timm/Hub folder or checkpoint file (default: download the tag's weights)",
+    )
+    parser.add_argument("--top-k", "-k", type=_positive_int, default=5, metavar="K", help="classes per image (default 5)")
+    parser.add_argument(
+        "--format", "-f", choices=FORMATS, default=None,
+        help="output format (default: from the --output extension, else text)",
+    )
+    parser.add_argument(
+        "--output", "-o", metavar="FILE",
+        help="write the results to FILE (atomically; '-' is stdout) instead of stdout; replaces an existing file",
+    )
+    parser.add_argument("--batch-size", "-b", type=_positive_int, default=16, metavar="N", help="images per batch (default 16)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="model weights dtype (default float32)")
+    parser.add_argument("--labels", metavar="FILE", help="class names: one per line, or JSON (for fine-tuned models)")
+    parser.add_argument("--recursive", "-r", action="store_true", help="descend into subfolders; '**' in patterns")
+    parser.add_argument(
+        "--skip-errors", action="store_true",
+        help="report unreadable images and go on with the others (exit 0 if any image was classified)",
+    )
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar or status messages")
+    return parser
+
+
+def _format_for(args: argparse.Namespace) -> str:
+    if args.format is not None:
+        return args.format
+    if args.output:
+        ext = os.path.splitext(args.output)[1].lower().lstrip(".")
+        if ext in FORMATS:
+            return ext
+    return "text"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python -m mlx_evit.classify`` / ``mlx-evit-classify``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    stderr = sys.stderr
+    prog = parser.prog
+
+    def error(message: str) -> None:
+        stderr.write(f"{prog}: error: {message}\n")
+        stderr.flush()
+
+    try:
+        return _run(args, _format_for(args), prog, error)
+    except KeyboardInterrupt:
+        error("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): stop quietly, without a second error at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+    except Exception as e:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        error(f"unexpected {type(e).__name__}: {one_line(e)} (rerun with {DEBUG_ENV}=1 for the traceback)")
+        return EXIT_INTERNAL
+
+
+def _run(args: argparse.Namespace, fmt: str, prog: str, error: Callable[[str], None]) -> int:
+    stderr = sys.stderr
+    files, problems = expand_inputs(args.inputs, args.recursive)
+    try:  # before any long work; classify's --output has always replaced an existing file
+        target = check_output_file(args.output or "-", inputs=_run_inputs(files, args), force=True, option="--output")
+    except OutputError as e:
+        error(str(e))
+        return EXIT_USAGE
+    for problem in problems:
+        error(problem.message)
+    if problems and not args.skip_errors:
+        # stop here; stdout still gets the failures as records (a complete json document)
+        if target.is_stream:
+            _write_failures(target, fmt, problems)
+        return EXIT_IMAGES_FAILED
+    if not files:
+        error("no images to classify")
+        _write_failures(target, fmt, problems)
+        return EXIT_IMAGES_FAILED
+
+    quiet = args.quiet
+    if quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+    def log(message: str) -> None:
+        if not quiet:
+            stderr.write(f"{prog}: {message}\n")
+            stderr.flush()
+
+    try:
+        classifier = Classifier.load(
+            args.model, weights=args.weights, dtype=args.dtype, labels=args.labels, log=log
+        )
+    except (ClassifierError, HubError, ValueError) as e:
+        error(str(e))
+        return EXIT_USAGE
+
+    try:
+        sink = target.open()
+    except OutputError as e:
+        error(str(e))
+        return EXIT_USAGE
+    writer = _Writer(fmt, sink.stream, classifier.name)
+    machine_stdout = fmt != "text" and target.is_stream
+    show = not quiet and len(files) > args.batch_size and (stderr.isatty() or not machine_stdout)
+    progress = _Progress(len(files), stderr, show)
+    failed = classified = 0
+    try:
+        for problem in problems:
+            writer.fail(problem)
+        results = classifier.classify_files(
+            files, top_k=args.top_k, batch_size=args.batch_size, progress=progress.update
+        )
+        for result in results:
+            if isinstance(result, ImageFailure):
+                progress.clear()
+                error(result.message)
+                writer.fail(result)
+                failed += 1
+                if not args.skip_errors:
+                    results.close()
+                    break
+            else:
+                writer.write(result)
+                classified += 1
+        stopped = failed and not args.skip_errors
+        writer.close()
+    except BaseException:
+        sink.discard()
+        raise
+    if stopped:
+        sink.discard()  # a file output stays as it was; a stream has the records up to the failure
+    else:
+        try:
+            sink.commit()
+        except OutputError as e:
+            error(str(e))
+            return EXIT_USAGE
+    if stopped or (problems or failed) and not classified:
+        return EXIT_IMAGES_FAILED
+    return EXIT_OK
+
+
+def _run_inputs(files: Sequence[str], args: argparse.Namespace) -> list[str]:
+    """Every file the run reads: images, weights (a folder's files too) and labels; none may be the output."""
+    inputs = list(files)
+    for path in (args.weights, args.labels):
+        if path:
+            inputs.append(path)
+            if os.path.isdir(path):
+                inputs.extend(os.path.join(path, name) for name in os.listdir(path))
+    return inputs
+
+
+def _write_failures(target: Any, fmt: str, failures: Sequence[ImageFailure]) -> None:
+    """Only failures to report (no model loaded): write them as the whole output."""
+    with target.open() as sink:
+        writer = _Writer(fmt, sink.stream, "")
+        for failure in failures:
+            writer.fail(failure)
+        writer.close()

@@ -1,0 +1,74 @@
+"""The package's error types and the one helper that turns any error into a one-line message.
+
+Every error a user can cause (a bad file, key, option) is one of these
+``ValueError``/``RuntimeError`` subclasses with a message naming the problem;
+commands print ``one_line(error)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "ConversionError",
+    "HubError",
+    "one_line",
+    "mismatch_parts",
+    "describe_error",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read safely; the message names the file and the problem."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model; the message lists the keys."""
+
+    def __init__(self, message: str, missing=(), unexpected=(), mismatched=()):
+        super().__init__(message)
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+        self.mismatched = list(mismatched)
+
+
+class ConversionError(ValueError):
+    """A checkpoint cannot be converted or loaded; the message is one line naming the problem."""
+
+
+class HubError(RuntimeError):
+    """Pretrained weights cannot be fetched or converted; the message says why and what to do."""
+
+
+def one_line(message: object, limit: Optional[int] = None) -> str:
+    """``message`` (an exception or text) on one line: whitespace runs become one space.
+
+    An exception without a message gives its type name; ``limit`` cuts the
+    result to that many characters (ending in ``...``).
+    """
+    line = " ".join(str(message).split())
+    if not line and isinstance(message, BaseException):
+        line = type(message).__name__
+    if limit is not None and len(line) > limit:
+        line = line[: max(0, limit - 3)] + "..."
+    return line
+
+
+def mismatch_parts(missing: Sequence[str], unexpected: Sequence[str], mismatched: Sequence[str]) -> list[str]:
+    """``["2 missing (e.g. key)", ...]``: counts with the first example of each kind."""
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+        if items:
+            parts.append(f"{len(items)} {label} (e.g. {items[0]})")
+    return parts
+
+
+def describe_error(e: BaseException, limit: int = 1200) -> str:
+    """One-line message for any error (a :class:`CheckpointMismatchError`'s key lists become counts)."""
+    lines = str(e).splitlines()
+    if isinstance(e, CheckpointMismatchError) and len(lines) > 1 and (e.missing or e.unexpected or e.mismatched):
+        head = lines[0].rstrip(":")  # load_state_dict's multi-line key listing, summarised
+        return one_line(f"{head}: {'; '.join(mismatch_parts(e.missing, e.unexpected, e.mismatched))}", limit)
+    return one_line(e, limit)

@@ -1,0 +1,277 @@
+"""The MLX model directory format: writing (:func:`save_model`) and reading (:func:`read_model_dir`).
+
+A directory holds two files (documented in ``convert/README.md``):
+
+* ``model.safetensors``: every model parameter by its MLX path, BatchNorms
+  not folded (so the model can be fine-tuned), safetensors metadata
+  ``{"format": "mlx"}``;
+* ``config.json``: ``{"format": "mlx_evit", "format_version": 1,
+  "architecture", "arch_args", "model", "pretrained_cfg", "dtype", ...}``,
+  enough to rebuild the model without the source checkpoint.
+
+Directories are written through :mod:`mlx_evit.outputs` (checked before
+any long work, built beside the target and swapped in whole).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .checkpoint import read_checkpoint
+from .conversion import Source, registry_name, replay_warnings
+from .dtypes import DTYPES, cast_model, dtype_name, model_dtype
+from .errors import ConversionError, one_line
+from .metadata import set_model_info
+from .outputs import OutputDir, OutputError, atomic_directory, check_output_dir
+from .registry import build_model, get_entry, split_name
+from .version import __version__
+from .weights import load_params, param_shapes
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "is_model_dir",
+    "mlx_config_path",
+    "check_target",
+    "save_model",
+    "save_source",
+    "read_model_dir",
+]
+
+PathLike = Union[str, os.PathLike]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "mlx_evit"
+FORMAT_VERSION = 1
+_MAX_CONFIG_BYTES = 16 * 2**20
+
+
+def _jsonable(value: Any, where: str) -> Any:
+    """Tuples become lists; anything JSON cannot hold is an error naming ``where``."""
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, where) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    raise ConversionError(f"{where} = {value!r} ({type(value).__name__}) cannot be written to config.json")
+
+
+def _tuplify(value: Any) -> Any:
+    """JSON lists back to the tuples builders were given."""
+    if isinstance(value, list):
+        return tuple(_tuplify(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuplify(v) for k, v in value.items()}
+    return value
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        if path.stat().st_size > _MAX_CONFIG_BYTES:
+            raise ConversionError(f"{path}: larger than {_MAX_CONFIG_BYTES} bytes, not a model config")
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ConversionError(f"{path}: not valid JSON ({one_line(e, 200)})") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    return config
+
+
+def mlx_config_path(path: PathLike) -> Optional[Path]:
+    """``config.json`` of the MLX model directory ``path`` points into, else None.
+
+    ``path`` may be the directory or its ``model.safetensors``. A folder
+    whose ``config.json`` is not ours (timm's, or unreadable) is not one.
+    """
+    p = Path(path)
+    folder = p if p.is_dir() else (p.parent if p.name == WEIGHTS_NAME else None)
+    if folder is None or not (folder / CONFIG_NAME).is_file():
+        return None
+    try:
+        config = _read_json(folder / CONFIG_NAME)
+    except ConversionError:
+        return None
+    return folder / CONFIG_NAME if config.get("format") == FORMAT else None
+
+
+def is_model_dir(path: PathLike) -> bool:
+    """Whether ``path`` is an MLX model directory written by :func:`save_model`."""
+    p = Path(path)
+    return p.is_dir() and (p / WEIGHTS_NAME).is_file() and mlx_config_path(p) is not None
+
+
+def check_target(out: PathLike, force: bool, inputs: Sequence[PathLike] = ()) -> OutputDir:
+    """The checked output directory: an existing ``out`` is refused unless ``force`` and it is an MLX
+    model directory (or empty), or when it is or holds an input; a symbolic link is followed."""
+    try:
+        return check_output_dir(out, inputs, force, marker=lambda p: mlx_config_path(p) is not None,
+                                describe="an MLX model directory", option="", allow_empty=False)
+    except OutputError as e:
+        raise ConversionError(str(e)) from None
+
+
+def save_model(
+    model: nn.Module,
+    out_dir: Union[PathLike, OutputDir],
+    *,
+    labels: Optional[Sequence[str]] = None,
+    source: Optional[Mapping[str, Any]] = None,
+    force: bool = False,
+) -> Path:
+    """Write ``model`` as an MLX model directory (``model.safetensors`` + ``config.json``).
+
+    ``model``: built by the registry (``create_model``/``load``), unfused
+    (load with ``fuse=False`` to fine-tune and save). ``labels``: class
+    names, one per output (default: ``model.labels`` if set). ``source``:
+    provenance recorded in ``config.json``. The directory is written next to
+    ``out_dir`` under a temporary name and renamed at the end, so a failure
+    leaves nothing behind; an existing ``out_dir`` is an error unless
+    ``force`` (which replaces only an empty folder or an MLX model directory).
+    Returns the directory.
+    """
+    arch, arch_args = getattr(model, "arch_name", None), getattr(model, "arch_args", None)
+    if arch is None or arch_args is None:
+        raise ConversionError("save_model needs a model built by mlx_evit (create_model or load): "
+                              "it has no arch_name/arch_args")
+    reference = param_shapes(build_model(arch, **arch_args))
+    actual = param_shapes(model)
+    if reference != actual:
+        diff = sorted(set(reference) ^ set(actual)) or [k for k in actual if reference[k] != actual[k]]
+        raise ConversionError(
+            f"the model's parameters differ from a fresh {arch} built with its arch_args (e.g. {diff[0]}); "
+            "BatchNorms folded by fuse() cannot be saved: save the unfused model (load(..., fuse=False))"
+        )
+    num_classes = getattr(model, "num_classes", None)
+    if labels is None:
+        labels = getattr(model, "labels", None)
+    if labels is not None:
+        labels = list(labels)
+        if not all(isinstance(s, str) for s in labels) or len(labels) != (num_classes or 0):
+            raise ConversionError(f"labels must be {num_classes or 0} strings (one per class), got {len(labels)}")
+    pretrained_cfg = getattr(model, "pretrained_cfg", None)
+    if pretrained_cfg is not None:
+        pretrained_cfg = dict(pretrained_cfg, num_classes=num_classes or 0)
+    arch_args = dict(arch_args)
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "converter_version": __version__,
+        "model": registry_name(arch, pretrained_cfg),
+        "architecture": arch,
+        "arch_args": _jsonable(arch_args, "arch_args"),
+        "num_classes": num_classes,
+        "pretrained_cfg": _jsonable(pretrained_cfg, "pretrained_cfg"),
+        "dtype": dtype_name(model_dtype(model)),
+        "attention_eps": arch_args.get("attention_eps"),
+        "labels": labels,
+        "source": _jsonable(dict(source), "source") if source is not None else None,
+    }
+    text = json.dumps(config, indent=2) + "\n"
+    params = dict(tree_flatten(model.parameters()))
+    target = out_dir if isinstance(out_dir, OutputDir) else check_target(out_dir, force)
+    try:
+        with atomic_directory(target) as tmp:
+            mx.save_safetensors(str(tmp / WEIGHTS_NAME), params, metadata={"format": "mlx"})
+            (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
+    except OutputError as e:
+        raise ConversionError(str(e)) from None
+    return Path(target.given)
+
+
+def save_source(source: Source, out_dir: Union[PathLike, OutputDir], dtype: Union[str, mx.Dtype] = "float32",
+                force: bool = False) -> Path:
+    """Write a converted :class:`~mlx_evit.conversion.Source` in ``dtype``, recording where it came from.
+
+    ``config.json`` gets ``source``: the file name, its SHA-256 (computed
+    when the checkpoint was read for conversion), format, layout and the
+    wrapper key the state dict sat under.
+    """
+    info = source.info
+    record = {
+        "file": os.path.basename(info.path),
+        "sha256": info.sha256,
+        "format": "mlx" if source.layout == "mlx" else info.format,
+        "layout": source.layout,
+    }
+    if info.wrapper:
+        record["wrapper"] = info.wrapper
+    cast_model(source.model, dtype)
+    return save_model(source.model, out_dir, labels=source.labels, source=record, force=force)
+
+
+def read_model_dir(
+    folder: PathLike,
+    name: Optional[str] = None,
+    num_classes: Optional[int] = None,
+    overrides: Optional[Mapping[str, Any]] = None,
+    sha256: bool = False,
+) -> Source:
+    """Rebuild the model of an MLX model directory (unfused, in its stored dtype, eval).
+
+    ``name``: expected registry name (the architecture must match);
+    ``num_classes``/``overrides`` change the stored architecture arguments;
+    ``sha256``: hash the weights file (when re-converting).
+    """
+    folder = Path(folder)
+    config_path = folder / CONFIG_NAME
+    config = _read_json(config_path)
+    if config.get("format") != FORMAT:
+        raise ConversionError(f"{config_path}: not an mlx_evit model config (format {config.get('format')!r})")
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ConversionError(
+            f"{config_path}: format_version {version!r} is not supported by this mlx_evit "
+            f"(reads up to {FORMAT_VERSION}); upgrade mlx_evit"
+        )
+    arch, arch_args = config.get("architecture"), config.get("arch_args")
+    if not isinstance(arch, str) or not isinstance(arch_args, dict):
+        raise ConversionError(f"{config_path}: 'architecture' (string) and 'arch_args' (object) are required")
+    try:
+        get_entry(arch)
+    except ValueError as e:
+        raise ConversionError(f"{config_path}: {e}") from None
+    if name is not None and split_name(name)[0] != arch:
+        raise ConversionError(f"{folder} holds {arch}, not {split_name(name)[0]}")
+    dtype = config.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise ConversionError(f"{config_path}: unsupported dtype {dtype!r}")
+    args = _tuplify(arch_args)
+    args.update(overrides or {})
+    if num_classes is not None:
+        args["num_classes"] = num_classes
+    try:
+        model = build_model(arch, **args)
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"{config_path}: arch_args do not build {arch}: {one_line(e, 200)}") from None
+    cast_model(model, dtype)
+    tensors, info = read_checkpoint(folder / WEIGHTS_NAME, sha256=sha256)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_params(model, tensors, source=str(folder / WEIGHTS_NAME))
+    messages = replay_warnings(caught)
+    pretrained_cfg = config.get("pretrained_cfg")
+    labels = config.get("labels")
+    set_model_info(
+        model,
+        pretrained_cfg=pretrained_cfg if isinstance(pretrained_cfg, dict) else None,
+        labels=list(labels) if isinstance(labels, list) and all(isinstance(s, str) for s in labels) else None,
+    )
+    model.eval()
+    return Source(model, "mlx", info, model.labels, messages)
