@@ -87,10 +87,11 @@ class Predictor:
     Attributes: ``model`` (the prepared module, fused, in eval mode),
     ``dtype``, ``bits`` (``None`` or the quantization bits), ``compiled``
     (whether the forward pass is fused on the current device), ``streams``
-    (the most CPU streams a batch is split across) and ``split_plan`` (per
+    (the most CPU streams a batch is split across), ``split_plan`` (per
     input shape, the number of streams chosen by timing, when tuning: the
     first six calls with a shape alternate between running it whole and
-    split, the last four timed; no call is repeated for the measurement).
+    split, the last four timed; no call is repeated for the measurement)
+    and ``last_split`` (how many parts the last call ran in; 1: whole).
     """
 
     def __init__(self, model: nn.Module, dtype: mx.Dtype, bits: Optional[int], compile: bool, streams: int,
@@ -102,6 +103,7 @@ class Predictor:
         self.streams = streams
         self.tune = tune
         self.split_plan: dict[tuple, int] = {}
+        self.last_split = 0  # no call yet
         self._trial_times: dict[tuple, list] = {}
         self._cpu_streams: list = []
         self._blas = _OpenBLASThreads.open()
@@ -178,6 +180,7 @@ class Predictor:
         return (tuple(x.shape), str(dtype), str(mx.default_device()))
 
     def _predict(self, x: mx.array, n: int) -> mx.array:
+        self.last_split = max(n, 1)
         if n <= 1:
             return self._run(x).astype(mx.float32)
         # Data parallel over CPU streams: each stream has its own worker thread.

@@ -118,15 +118,15 @@ def test_batch_split_over_streams_gives_each_image_alone():
     model = _model("efficientvit_b0", {})
     x = _images(5, 64, seed=1)
     twin = _twin(model, "efficientvit_b0", {})
-    split = prepare(model, streams=2)
-    assert split.streams == 2 and split._split_count(x.shape) == 2
+    split = prepare(model, streams=2)  # an explicit count: always split that far
     together = np.array(split(x))
+    assert split.streams == 2 and split.last_split == 2
     single = prepare(twin, streams=1)
     alone = np.concatenate([np.array(single(x[i : i + 1])) for i in range(5)])
     np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
 
 
-def test_default_split_is_chosen_by_timing_the_first_calls(monkeypatch):
+def test_default_split_is_chosen_by_timing_the_first_calls():
     model = _model("efficientvit_m0", {"img_size": 64})
     x = _images(4, 64, seed=2)
     ref = np.array(prepare(_twin(model, "efficientvit_m0", {"img_size": 64}), streams=1)(x))
@@ -135,22 +135,22 @@ def test_default_split_is_chosen_by_timing_the_first_calls(monkeypatch):
     if predictor.streams < 2:
         pytest.skip("one CPU: nothing to split")
     used = []
-    real = predictor._predict
-    monkeypatch.setattr(predictor, "_predict", lambda x, n: used.append(n) or real(x, n))
     calls = 0
     while predictor.tuning(x):  # whole and split alternately, the last four timed: every call returns the answer
-        np.testing.assert_allclose(np.array(predictor(x)), ref, rtol=1e-5, atol=1e-6)
+        # (OpenBLAS blocks a GEMM by its row count: half a batch may differ from the whole in the last bits)
+        np.testing.assert_allclose(np.array(predictor(x)), ref, rtol=1e-5, atol=5e-6)
+        used.append(predictor.last_split)
         calls += 1
     assert calls == 6 and used == [1, 2, 1, 2, 1, 2]
     assert not predictor.tuning(x[:1]) and predictor.tuning(x[:3])
     (key, choice), = predictor.split_plan.items()
     assert key[0] == (4, 64, 64, 3) and choice in (1, 2)
-    used.clear()
     predictor(x)
+    assert predictor.last_split == choice
     predictor(x[:1])  # one image: nothing to split, nothing to try
-    assert used == [choice, 1]
+    assert predictor.last_split == 1
     predictor(x[:3])  # a new shape starts its own trials
-    assert used[-1] == 1 and len(predictor.split_plan) == 1
+    assert predictor.last_split == 1 and len(predictor.split_plan) == 1
 
 
 def test_batch_split_shares_the_blas_threads_and_restores_them():
