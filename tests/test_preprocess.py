@@ -13,6 +13,7 @@ from PIL import Image
 
 import mlx_evit
 from mlx_evit.preprocess import (
+    CROP_MODES,
     EvalTransform,
     ImageLoadError,
     eval_transform,
@@ -66,6 +67,8 @@ def _registered_cfgs() -> dict[str, dict]:
     cfgs = {}
     for name in mlx_evit.list_models(pretrained=True):
         cfg = get_pretrained_cfg(name).to_dict()
+        if cfg.get("crop_mode", "center") not in CROP_MODES:
+            continue  # a dense-prediction tag (segmentation's "resize"): its own transform, tested with it
         transform = eval_transform(cfg)
         if transform not in seen:
             seen.add(transform)
@@ -290,7 +293,8 @@ def test_non_image_argument_is_a_type_error():
         preprocess(np.zeros((8, 8, 3), np.uint8), ALL_CFGS["224-0.95"])
 
 
-REGISTERED = mlx_evit.list_models(pretrained=True)
+REGISTERED = [n for n in mlx_evit.list_models(pretrained=True)  # image classification tags (see _registered_cfgs)
+              if get_pretrained_cfg(n).to_dict().get("crop_mode", "center") in CROP_MODES]
 
 
 @functools.cache
