@@ -269,6 +269,10 @@ def test_unmapped_folders_are_one_clear_error(seed_model, tmp_path):
     (tmp_path / "map.tsv").write_text("horse\tdog\nzebra\t2\n")
     proc = evaluate_cli(data, "--weights", seed_model, "--class-map", tmp_path / "map.tsv", "--quiet")
     assert "evaluated 5 images of 3 classes on 1 rank" in proc.stdout
+    # The same command as a subcommand of python -m mlx_evit.
+    sub = run(["-m", "mlx_evit", "evaluate", str(data), "--weights", str(seed_model), "--class-map",
+               str(tmp_path / "map.tsv"), "--quiet"])
+    assert sub.stdout.splitlines()[2:] == proc.stdout.splitlines()[2:]  # per-class lines (no timings)
 
 
 def test_unreadable_images_stop_the_run_or_are_skipped_and_counted(seed_model, tmp_path):
