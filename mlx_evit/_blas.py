@@ -276,7 +276,7 @@ def _load_base(path: str) -> int:
 
 
 def got_slots(path: str, names=SYMBOLS) -> dict[str, int]:
-    """``{symbol: r_offset}`` of the GOT relocations for ``names`` in the ELF64 (x86-64) file ``path``.
+    """``{symbol: r_offset}`` of the GOT relocations for ``names`` in the ELF64 file ``path`` (x86-64, AArch64).
 
     The file is memory-mapped and only its relocation, symbol and string tables are read
     (``.rela.plt`` first: calls through the PLT; then any other RELA section).
@@ -286,6 +286,11 @@ def got_slots(path: str, names=SYMBOLS) -> dict[str, int]:
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
             raise OSError(f"{path}: not a little-endian ELF64 file")
+        machine, = struct.unpack_from("<H", data, 0x12)
+        # GLOB_DAT and JUMP_SLOT relocation types: x86-64 (EM_X86_64 = 62) and AArch64 (EM_AARCH64 = 183)
+        kinds = {62: (6, 7), 183: (1025, 1026)}.get(machine)
+        if kinds is None:
+            raise OSError(f"{path}: ELF machine {machine} is not supported")
         shoff, = struct.unpack_from("<Q", data, 0x28)
         shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
         sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
@@ -304,7 +309,7 @@ def got_slots(path: str, names=SYMBOLS) -> dict[str, int]:
             for r in range(size // entsize):
                 r_offset, r_info = struct.unpack_from("<QQ", data, offset + r * entsize)
                 r_type, sym = r_info & 0xFFFFFFFF, r_info >> 32
-                if r_type not in (6, 7) or not sym:  # R_X86_64_GLOB_DAT, R_X86_64_JUMP_SLOT
+                if r_type not in kinds or not sym:
                     continue
                 start = strtab[4] + struct.unpack_from("<I", data, symtab[4] + sym * symtab[9])[0]
                 name = data[start:data.find(b"\0", start)].decode("ascii", "replace")
@@ -384,9 +389,6 @@ def setup(warn: bool = True) -> BlasInfo:
     choice = os.environ.get(ENV, "").strip()
     if choice.lower() in ("0", "off", "no", "false") or not sys.platform.startswith("linux"):
         return state
-    if platform.machine() not in ("x86_64", "AMD64"):
-        # The GOT reader handles x86-64 relocations only; elsewhere only the preload route is tried.
-        pass
     mlx_loaded = "mlx.core" in sys.modules
     problems = []
     for path in _choices(choice):
