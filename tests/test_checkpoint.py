@@ -24,7 +24,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import mlx_evit  # noqa: F401  (before mlx.core / torch: BLAS preload)
 import numpy as np
 import pytest
 import torch

@@ -20,7 +20,6 @@ import sys
 import zlib
 from pathlib import Path
 
-import mlx_evit  # noqa: F401  (before mlx.core: BLAS preload)
 import mlx.core as mx
 import numpy as np
 import pytest

@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlx_evit  # noqa: F401  (before mlx.core / torch: BLAS preload)
+import mlx_evit
 import mlx.core as mx
 import numpy as np
 import pytest

@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import mlx_evit  # noqa: F401  (before mlx.core: BLAS preload)
 import numpy as np
 import pytest
 import torch

@@ -19,7 +19,6 @@ import os
 import numpy as np
 import pytest
 
-import mlx_evit  # noqa: F401  (preloads BLAS before mlx.core)
 from mlx_evit import backend, cpu_kernels, inference, layers
 from mlx_evit.inference import Predictor, parameter_bytes, prepare
 from mlx_evit.registry import build_model

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-import mlx_evit  # noqa: F401  (package first, as everywhere)
 from mlx_evit.labels import Label, LabelFileError, imagenet_labels, read_labels
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 
-import mlx_evit  # noqa: F401  (preloads BLAS before mlx.core)
 from mlx_evit import create_model, get_pretrained_cfg, list_models
 from mlx_evit.layers import ConvNorm
 from mlx_evit.mit import ORIGINAL_LARGE_LAYOUT, ORIGINAL_LAYOUT, TIMM_LAYOUT, MitEfficientViT

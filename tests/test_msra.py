@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import mlx_evit  # noqa: F401  (before mlx.core: preloads OpenBLAS)
 from mlx_evit import create_model, get_pretrained_cfg, list_models
 from mlx_evit.msra import (
     ORIGINAL_LAYOUT,

@@ -68,7 +68,7 @@ def test_fifo_is_written_not_replaced(tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     received = []
-    reader = threading.Thread(target=lambda: received.append(open(fifo, "rb").read()))
+    reader = threading.Thread(target=lambda: received.append(open(fifo, "rb").read()), daemon=True)
     reader.start()
     target = check_output_file(fifo)
     target.write_bytes(b"through the pipe")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import mlx_evit  # noqa: F401  (preloads BLAS before mlx.core)
 import mlx.core as mx
 from mlx.utils import tree_flatten
 

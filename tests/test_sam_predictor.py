@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import mlx_evit  # noqa: F401  (preloads BLAS before mlx.core)
 import mlx.core as mx
 
 import synthetic

@@ -12,7 +12,6 @@ import time
 import numpy as np
 import pytest
 
-import mlx_evit  # noqa: F401  (preloads BLAS before mlx.core)
 from mlx_evit import EfficientViT, create_model, get_pretrained_cfg, list_models, output_size
 from mlx_evit.layers import elu_plus_one, linear_attention
 from mlx_evit.seed import ATTN_EPS, CascadedGroupLinearAttention
