@@ -247,7 +247,7 @@ def runtime_fn(runtime: str, case: Case, cache: str, threads: int, x_nhwc, torch
         from mlx_evit.inference import prepare
 
         # The default path; with one thread there is no second core to split a batch onto.
-        predictor = prepare(load_mlx(case.model, case.res, weights), streams=None if threads >= 2 else 1)
+        predictor = prepare(load_mlx(case.model, case.res, weights), compile=True, streams=None if threads >= 2 else 1)
         x = mx.array(x_nhwc)
         while settle and predictor.tuning(x):  # let it choose its batch split first (a few real calls)
             mx.eval(predictor(x))
@@ -433,7 +433,7 @@ def run_precision(name: str, args, log) -> list[dict]:
     for precision in PRECISIONS:
         dtype = precision if precision.startswith(("float", "bfloat")) else None
         bits = int(precision[1:]) if precision.startswith("q") else None
-        predictor = prepare(load_mlx(name, res, weights), dtype=dtype, quantize=bits, streams=1)
+        predictor = prepare(load_mlx(name, res, weights), dtype=dtype, quantize=bits, streams=1, compile=True)
         logits = np.array(predictor(x), dtype=np.float64)
         if ref is None:
             ref = logits

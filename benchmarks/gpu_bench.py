@@ -65,7 +65,7 @@ def run_case(name: str, res: int, batch: int, device: str, repeats: int, burst: 
         save_file({k: v.contiguous() for k, v in tm.state_dict().items()}, path)
         extra = {"img_size": res} if "_m" in name else {}
         model = mlx_evit.create_model(name, pretrained=path, **extra)
-    predictor = prepare(model)
+    predictor = prepare(model, compile=True)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, res, res, 3)).astype(np.float32)
     xm = mx.array(x)

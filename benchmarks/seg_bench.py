@@ -103,7 +103,7 @@ def _build(side: str, name: str, h: int, w: int, threads: int):
 
     model = build_model(name)
     load_state_dict(model, sd)
-    predictor = prepare(model)
+    predictor = prepare(model, compile=True)
     xm = mx.array(x)
 
     def forward():

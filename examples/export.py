@@ -37,7 +37,7 @@ import mlx.core as mx
 
 def inference_function(model, dtype: str, quantize: int | None):
     """``forward(x)``: float32 ``(B, H, W, 3)`` -> float32 logits, with the prepared model."""
-    predictor = prepare(model, dtype=dtype, quantize=quantize, streams=1)
+    predictor = prepare(model, dtype=dtype, quantize=quantize, streams=1, compile=True)
     net, net_dtype = predictor.model, predictor.dtype
 
     def forward(x: mx.array) -> mx.array:

@@ -11,6 +11,16 @@
    bias + activation + residual, or the shifted multiply-adds of the CPU
    depthwise convolution, become single fused kernels).
 
+When to compile (``compile="auto"``, the default): on a GPU device at once.
+On the CPU backend a fused kernel is C++ that MLX compiles with ``g++`` the
+first time it is seen (then cached in ``$TMPDIR/mlx``): with an empty cache
+that costs about 10 s for one model, far more than a small job gains (one
+224x224 image: 0.6 s eager). So the CPU predictor runs eagerly until it has
+seen ``COMPILE_AFTER_PIXELS`` input pixels (about 80 images at 224x224, two
+at 1024x2048), a job large enough to repay the compilation, and compiled
+from then on. ``compile=True`` compiles from the first call (benchmarks,
+and jobs that need every call computed the same way), ``False`` never.
+
 The compiled function takes the model's state as an explicit input
 (``mx.compile(..., inputs=model.state)``), so weights loaded or changed after
 :func:`prepare` are used, not stale copies. MLX retraces on every new input
@@ -55,6 +65,7 @@ DTypeLike = Union[None, str, mx.Dtype]
 
 QUANT_BITS = (4, 8)
 CACHE_LIMIT = 1 << 30  # bytes of freed buffers MLX may keep for reuse (see prepare)
+COMPILE_AFTER_PIXELS = 4_000_000  # CPU, compile="auto": eager until this many input pixels (module docstring)
 
 
 def cpu_compile_available() -> bool:
@@ -94,12 +105,14 @@ class Predictor:
     and ``last_split`` (how many parts the last call ran in; 1: whole).
     """
 
-    def __init__(self, model: nn.Module, dtype: mx.Dtype, bits: Optional[int], compile: bool, streams: int,
-                 tune: bool):
+    def __init__(self, model: nn.Module, dtype: mx.Dtype, bits: Optional[int], compile: Union[bool, str],
+                 streams: int, tune: bool):
         self.model = model
         self.dtype = dtype
         self.bits = bits
-        self._want_compile = compile
+        self._want_compile = bool(compile)
+        self._compile_when_large = compile == "auto"
+        self.pixels_seen = 0  # input pixels (B * H * W) of all calls so far
         self.streams = streams
         self.tune = tune
         self.split_plan: dict[tuple, int] = {}
@@ -122,7 +135,11 @@ class Predictor:
         """True when calls run through ``mx.compile`` with kernel fusion on the current device."""
         if not self._want_compile:
             return False
-        return default_device_is_gpu() or cpu_compile_available()
+        if default_device_is_gpu():
+            return True
+        if self._compile_when_large and self.pixels_seen < COMPILE_AFTER_PIXELS:
+            return False
+        return cpu_compile_available()
 
     def _run(self, x: mx.array) -> mx.array:
         fn = self._forward if self.compiled else self.model
@@ -138,6 +155,12 @@ class Predictor:
             x = mx.array(x)
         if mx.issubdtype(x.dtype, mx.floating) and x.dtype != self.dtype:
             x = x.astype(self.dtype)
+        was_compiled = self.compiled
+        if x.ndim == 4:
+            self.pixels_seen += int(x.shape[0] * x.shape[1] * x.shape[2])
+        if self.compiled != was_compiled:  # switching to the compiled forward: split timings start over
+            self.split_plan.clear()
+            self._trial_times.clear()
         n = self._split_count(x.shape)
         if n > 1 and self.tune:
             key = self._key(x)
@@ -252,7 +275,7 @@ def _default_streams() -> int:
 def prepare(
     model: nn.Module,
     *,
-    compile: bool = True,
+    compile: Union[bool, str] = "auto",
     dtype: DTypeLike = None,
     quantize: Optional[int] = None,
     group_size: int = 64,
@@ -267,8 +290,10 @@ def prepare(
     default: keep the model's dtype, inputs are cast to it) and its
     ``nn.Linear`` layers quantized to ``quantize`` bits (4 or 8, affine,
     groups of ``group_size`` input channels; layers narrower than a group
-    stay in floating point). ``compile=False`` keeps the eager forward (for
-    debugging). ``streams``: the most CPU streams a batch is split across;
+    stay in floating point). ``compile``: ``"auto"`` (default: on the CPU,
+    eager until the job is large enough to repay MLX's kernel compilation;
+    see the module docstring), ``True`` (compiled from the first call) or
+    ``False`` (eager, for debugging). ``streams``: the most CPU streams a batch is split across;
     by default ``min(2, cpu_count)``, with the choice between splitting and
     not made per input shape by timing the first calls (see
     :class:`Predictor`); an explicit number always splits that far (1:
@@ -288,6 +313,8 @@ def prepare(
     target = model_dtype(model) if dtype is None else parse_dtype(dtype)
     if quantize is not None and quantize not in QUANT_BITS:
         raise ValueError(f"quantize must be None or one of {QUANT_BITS} bits, got {quantize!r}")
+    if compile not in (True, False, "auto"):
+        raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
     if group_size not in (32, 64, 128):
         raise ValueError(f"group_size must be 32, 64 or 128, got {group_size!r}")
     tune = streams is None

@@ -84,7 +84,7 @@ def test_prepared_model_matches_eager_unfused(name, overrides, side):
     model = _model(name, overrides)
     x = _images(3, side)
     ref = np.array(model(x))
-    predictor = prepare(_twin(model, name, overrides))
+    predictor = prepare(_twin(model, name, overrides), compile=True)
     assert isinstance(predictor, Predictor) and predictor.compiled
     assert not any(isinstance(m, nn.BatchNorm) for _, m in predictor.model.named_modules())
     out = predictor(x)
@@ -240,9 +240,31 @@ def test_without_a_cpu_compiler_runs_eagerly(monkeypatch):
     assert not prepare(model, compile=False).compiled
 
 
+def test_cpu_compiles_only_once_the_job_repays_it(monkeypatch):
+    """compile="auto" on the CPU: eager (no JIT compilation, fast first run) until the predictor
+    has seen COMPILE_AFTER_PIXELS input pixels, compiled after; the answers do not change."""
+    model = _model("efficientvit_m0", {"img_size": 64})
+    x = _images(2, 64)
+    ref = np.array(prepare(_twin(model, "efficientvit_m0", {"img_size": 64}), compile=False)(x))
+    monkeypatch.setattr(inference, "COMPILE_AFTER_PIXELS", 3 * 2 * 64 * 64)
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)  # the CPU policy, whatever the machine's default device
+    try:
+        predictor = prepare(_twin(model, "efficientvit_m0", {"img_size": 64}), streams=1)
+        assert not predictor.compiled
+        for call in range(4):
+            np.testing.assert_allclose(np.array(predictor(x)), ref, rtol=1e-5, atol=1e-5)
+            assert predictor.pixels_seen == (call + 1) * 2 * 64 * 64
+            assert predictor.compiled == (call >= 2 and inference.cpu_compile_available()), call
+        assert prepare(model, compile=True, streams=1).compiled == inference.cpu_compile_available()
+    finally:
+        mx.set_default_device(device)
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
+        (dict(compile="yes"), "compile must be True, False or 'auto'"),
         (dict(dtype="float64"), "dtype must be one of"),
         (dict(dtype=mx.int32), "dtype must be one of"),
         (dict(quantize=3), "quantize must be None or one of"),

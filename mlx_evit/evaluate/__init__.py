@@ -527,7 +527,7 @@ def evaluate(
     # between splitting and not, and the two differ in the last bit, so results would depend on
     # the run. Splitting every batch over the default number of streams is reproducible (and was
     # faster here for B0 and M0 at batch 16); the GPU never splits.
-    predict = prepare(classifier.model, streams=max(1, min(2, os.cpu_count() or 1)))
+    predict = prepare(classifier.model, streams=max(1, min(2, os.cpu_count() or 1)), compile=True)
     start = time.perf_counter()
     pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
 
