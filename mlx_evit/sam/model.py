@@ -201,6 +201,8 @@ def attention_core(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
     q, k, v = (t.astype(mx.float32) for t in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1])
     if _native():
+        B = max(q.shape[0], k.shape[0])
+        q, k, v = (mx.broadcast_to(t, (B,) + t.shape[1:]) for t in (q, k, v))
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
     return L.softmax((q * scale) @ k.swapaxes(-1, -2), axis=-1) @ v
 
@@ -329,6 +331,8 @@ class PositionEmbeddingRandom(nn.Module):
 class PromptEncoder(nn.Module):
     """Points, boxes and a low-res mask -> sparse ``(B, N, 256)`` and dense ``(B, 64, 64, 256)`` embeddings.
 
+    Without a mask the dense embedding is the same for every prompt and has batch 1.
+
     Coordinates are pixels of the 1024 frame. Point labels: 1 foreground,
     0 background, -1 padding (its positional encoding is dropped).
     """
@@ -399,9 +403,9 @@ class PromptEncoder(nn.Module):
         sparse = mx.concatenate(sparse, axis=1)
         if masks is not None:
             dense = self.embed_masks(masks)
-        else:
+        else:  # the same for every prompt: batch 1, broadcast by the decoder
             s = self.embed_size
-            dense = mx.broadcast_to(self.no_mask_embed.weight.reshape(1, 1, 1, -1), (B, s, s, self.embed_dim))
+            dense = mx.broadcast_to(self.no_mask_embed.weight.reshape(1, 1, 1, -1), (1, s, s, self.embed_dim))
         return sparse, dense
 
 
@@ -423,7 +427,8 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(inner, dim)
 
     def __call__(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-        B, Nq, _ = q.shape
+        """``q (1 or B, Nq, C)``, ``k``/``v`` ``(1 or B, Nk, C)`` (batch 1 broadcasts) -> ``(B, Nq, C)``."""
+        Nq = q.shape[1]
         h = self.heads
 
         def split(x):
@@ -431,7 +436,7 @@ class Attention(nn.Module):
 
         q, k, v = split(self.q_proj(q)), split(self.k_proj(k)), split(self.v_proj(v))
         out = attention_core(q, k, v).astype(q.dtype)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, Nq, -1))
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(out.shape[0], Nq, -1))
 
 
 class MLPBlock(nn.Module):
@@ -519,10 +524,14 @@ class MaskDecoder(nn.Module):
         tokens = mx.concatenate([mx.broadcast_to(out_tokens[None], (B,) + out_tokens.shape),
                                  sparse.astype(out_tokens.dtype)], axis=1)
         _, h, w, _ = image_embeddings.shape
+        # Batch 1 while the image side is the same for every prompt (one embedding, no mask input): the
+        # first layer's image-side projections then run once, and attention broadcasts over the prompts.
         src = (image_embeddings + dense).astype(tokens.dtype)
-        src = mx.broadcast_to(src, (B, h, w, C)).reshape(B, h * w, C)
-        pos = mx.broadcast_to(image_pe.astype(tokens.dtype), (B, h, w, C)).reshape(B, h * w, C)
+        src = src.reshape(src.shape[0], h * w, C)
+        pos = image_pe.astype(tokens.dtype).reshape(image_pe.shape[0], h * w, C)
         hs, src = self.transformer(src, pos, tokens)
+        if src.shape[0] != B:  # no prompt reached the image side (cannot happen with tokens)
+            src = mx.broadcast_to(src, (B,) + src.shape[1:])
         first, count = (1, self.num_mask_tokens - 1) if multimask_output else (0, 1)
         x = src.reshape(B, h, w, C)
         for layer in self.output_upscaling:
