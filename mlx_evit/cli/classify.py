@@ -24,16 +24,26 @@ from ..classifier import (
     expand_inputs,
 )
 from ..dtypes import DTYPE_NAMES
-from ..errors import HubError, one_line
+from ..errors import HubError
 from ..outputs import OutputError, check_output_file
+from .common import (
+    DEBUG_ENV,
+    EXIT_FAILED,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    error_printer,
+    guarded,
+    positive_int,
+)
 
 __all__ = ["main", "build_parser", "FORMATS", "CSV_COLUMNS"]
 
 FORMATS = ("text", "json", "jsonl", "csv")
 CSV_COLUMNS = ("file", "model", "rank", "index", "label", "wnid", "score", "error")
 
-EXIT_OK, EXIT_IMAGES_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-DEBUG_ENV = "MLX_EVIT_DEBUG"  # set to 1: unexpected errors raise with their traceback
+EXIT_IMAGES_FAILED = EXIT_FAILED
 
 
 # ---------------------------------------------------------------- output
@@ -165,16 +175,6 @@ examples:
 """
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m mlx_evit.classify``."""
     parser = argparse.ArgumentParser(
@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights", "-w", metavar="PATH",
         help="converted MLX model folder, timm/Hub folder or checkpoint file (default: download the tag's weights)",
     )
-    parser.add_argument("--top-k", "-k", type=_positive_int, default=5, metavar="K", help="classes per image (default 5)")
+    parser.add_argument("--top-k", "-k", type=positive_int, default=5, metavar="K", help="classes per image (default 5)")
     parser.add_argument(
         "--format", "-f", choices=FORMATS, default=None,
         help="output format (default: from the --output extension, else text)",
@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", "-o", metavar="FILE",
         help="write the results to FILE (atomically; '-' is stdout) instead of stdout; replaces an existing file",
     )
-    parser.add_argument("--batch-size", "-b", type=_positive_int, default=16, metavar="N", help="images per batch (default 16)")
+    parser.add_argument("--batch-size", "-b", type=positive_int, default=16, metavar="N", help="images per batch (default 16)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="model weights dtype (default float32)")
     parser.add_argument("--labels", metavar="FILE", help="class names: one per line, or JSON (for fine-tuned models)")
     parser.add_argument("--recursive", "-r", action="store_true", help="descend into subfolders; '**' in patterns")
@@ -227,28 +227,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m mlx_evit.classify`` / ``mlx-evit-classify``; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    stderr = sys.stderr
-    prog = parser.prog
-
-    def error(message: str) -> None:
-        stderr.write(f"{prog}: error: {message}\n")
-        stderr.flush()
-
-    try:
-        return _run(args, _format_for(args), prog, error)
-    except KeyboardInterrupt:
-        error("interrupted")
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # The reader went away (e.g. `| head`): stop quietly, without a second error at exit.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_OK
-    except Exception as e:
-        if os.environ.get(DEBUG_ENV):
-            raise
-        error(f"unexpected {type(e).__name__}: {one_line(e)} (rerun with {DEBUG_ENV}=1 for the traceback)")
-        return EXIT_INTERNAL
+    error = error_printer(parser.prog)
+    return guarded(lambda: _run(args, _format_for(args), parser.prog, error), error)
 
 
 def _run(args: argparse.Namespace, fmt: str, prog: str, error: Callable[[str], None]) -> int:
