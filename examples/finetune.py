@@ -53,7 +53,7 @@ from PIL import Image
 
 import mlx_evit  # first: it sets up BLAS for mlx.core
 from mlx_evit.backend import default_device_is_gpu
-from mlx_evit.evaluate.distributed import RankFailure, Ranks, shard_bounds
+from mlx_evit.distributed import RankFailure, Ranks, shard_bounds
 from mlx_evit.hub import HubError, pretrained_dir
 from mlx_evit.outputs import check_output_dir
 from mlx_evit.preprocess import INTERPOLATIONS, ImageLoadError, eval_transform, load_image

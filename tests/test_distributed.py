@@ -28,7 +28,7 @@ import pytest
 from PIL import Image
 
 import mlx_evit  # before mlx.core
-from mlx_evit.evaluate.distributed import EXIT_RANK_FAILED
+from mlx_evit.distributed import EXIT_RANK_FAILED
 
 import mlx.core as mx
 from mlx.utils import tree_flatten

@@ -83,7 +83,7 @@ def _positive_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..classify import DEFAULT_MODEL
-    from ..evaluate.distributed import DEFAULT_TIMEOUT
+    from ..distributed import DEFAULT_TIMEOUT
 
     p = argparse.ArgumentParser(prog=PROG, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Evaluate a classifier on a labelled image folder (one subfolder per "
@@ -142,7 +142,7 @@ class _Progress:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m mlx_evit.evaluate``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    from ..evaluate.distributed import EXIT_RANK_FAILED, RankFailure, Ranks
+    from ..distributed import EXIT_RANK_FAILED, RankFailure, Ranks
 
     try:
         ranks = Ranks(timeout=args.rank_timeout, prog=PROG)
@@ -174,7 +174,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _run(args: argparse.Namespace, ranks, error: Callable[[str], None]) -> int:
     from ..classify import Classifier, ClassifierError
     from ..evaluate import EvaluationError, ImageFailed, check_output, evaluate, find_dataset, map_classes, read_class_map
-    from ..evaluate.distributed import RankFailure
+    from ..distributed import RankFailure
     from ..hub import HubError
     from ..outputs import OutputError
 

@@ -42,7 +42,7 @@ from ..classify import IMAGE_EXTENSIONS, Classifier
 from ..inference import prepare
 from ..labels import Label
 from ..preprocess import ImageLoadError, load_image
-from .distributed import RankFailure, Ranks
+from ..distributed import RankFailure, Ranks
 
 __all__ = [
     "Dataset",
