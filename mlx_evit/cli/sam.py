@@ -186,9 +186,9 @@ def _load_model(args: argparse.Namespace, error: Callable[[str], None]):
     source = args.weights
     try:
         if source is None:
-            from ..hub import pretrained_dir
+            from ..api import pretrained_weights
 
-            source = pretrained_dir(name, log=_log(args))
+            source = pretrained_weights(name, log=_log(args))
         net = load(source, dtype=args.dtype, model=name)
     except (HubError, OSError, ValueError, KeyError, TypeError) as e:
         message = " ".join(str(e).split()) or type(e).__name__

@@ -30,6 +30,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
+from ..api import load, pretrained_weights
 from ..inference import prepare
 from ..preprocess import ImageLoadError, load_image, to_rgb
 from ..registry import IMAGENET_MEAN, IMAGENET_STD, get_pretrained_cfg, split_name
@@ -173,8 +174,6 @@ class Segmenter:
         """A segmenter by registry name (weights from the Hub, converted once and cached) and/or
         ``weights`` (an original ``.pt``, any checkpoint the converter reads, or a converted folder).
         Raises :class:`SegmenterError` and :class:`mlx_evit.hub.HubError`."""
-        from ..convert import load
-
         requested = model if model is not None or weights is not None else DEFAULT_MODEL
         if requested is not None:
             try:
@@ -182,9 +181,7 @@ class Segmenter:
             except ValueError as e:
                 raise SegmenterError(str(e)) from None
         if weights is None:
-            from ..hub import pretrained_dir
-
-            weights = pretrained_dir(requested, revision=revision, log=log)
+            weights = pretrained_weights(requested, revision=revision, log=log)
         try:
             net = load(weights, dtype=dtype, model=requested)
         except (OSError, ValueError, KeyError, TypeError) as e:
