@@ -243,3 +243,13 @@ def test_cli_usage_errors(tmp_path):
         assert "Traceback" not in r.stderr
     r = run("-m", "mlx_evit.sam", str(tmp_path / "missing.png"), "--point", "1,1", "-o", str(tmp_path / "o"))
     assert r.returncode == 1 and "missing.png" in r.stderr
+
+
+def test_cli_offline_without_cache_says_what_to_download(tmp_path):
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(image)
+    env = dict(ENV, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), MLX_EVIT_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-m", "mlx_evit.sam", str(image), "--point", "1,1", "--model",
+                        "efficientvit_sam_xl0", "-o", str(tmp_path / "o")], capture_output=True, text=True, env=env)
+    err = one_line_error(r)
+    assert r.returncode == 2 and "mit-han-lab/efficientvit-sam efficientvit_sam_xl0.pt" in err, err

@@ -190,7 +190,10 @@ def _load_model(args: argparse.Namespace, error: Callable[[str], None]):
 
             source = pretrained_weights(name, log=_log(args))
         net = load(source, dtype=args.dtype, model=name)
-    except (HubError, OSError, ValueError, KeyError, TypeError) as e:
+    except HubError as e:  # offline or unreachable with nothing cached: the message says what to do
+        error(str(e))
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
         message = " ".join(str(e).split()) or type(e).__name__
         if os.fspath(source) not in message:
             message = f"{os.fspath(source)}: {message}"
