@@ -71,7 +71,7 @@ def _info(name: str) -> str:
         lines += [
             f"input size:    {h}x{w} ({c} channels, NHWC)",
             f"preprocessing: resize {cfg.interpolation}, crop_pct {cfg.crop_pct}, crop {cfg.crop_mode}, "
-            f"mean {tuple(cfg.mean)}, std {tuple(cfg.std)}",
+            f"mean {tuple(round(v, 6) for v in cfg.mean)}, std {tuple(round(v, 6) for v in cfg.std)}",
             f"weights:       {cfg.hf_hub_id or 'none published'}",
         ]
     tags = ", ".join(f"{entry.name}.{t.tag}" for t in entry.tags)
