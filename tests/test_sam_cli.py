@@ -253,3 +253,34 @@ def test_cli_offline_without_cache_says_what_to_download(tmp_path):
                         "efficientvit_sam_xl0", "-o", str(tmp_path / "o")], capture_output=True, text=True, env=env)
     err = one_line_error(r)
     assert r.returncode == 2 and "mit-han-lab/efficientvit-sam efficientvit_sam_xl0.pt" in err, err
+
+
+@pytest.mark.slow
+def test_cli_hub_download_once_then_offline(l0_files, tmp_path):
+    """Without --weights the released file comes from the Hub (fake, local), converted once and cached."""
+    from fake_hub import FakeHub
+
+    data = (l0_files / "efficientvit_sam_l0.pt").read_bytes()
+    image = tmp_path / "x.png"
+    Image.fromarray(synthetic.synthetic_image("input/test_sam_cli/hub", 40, 60)).save(image)
+    hub = FakeHub().start()
+    try:
+        commit = hub.publish("mit-han-lab/efficientvit-sam", {"efficientvit_sam_l0.pt": data})
+        env = {k: v for k, v in ENV.items() if not k.startswith(("HF_", "HUGGINGFACE_", "MLX_EVIT_"))
+               and "proxy" not in k.lower()}
+        env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=hub.endpoint, NO_PROXY="127.0.0.1,localhost",
+                   HF_HUB_DISABLE_TELEMETRY="1")
+        args = [sys.executable, "-m", "mlx_evit.sam", str(image), "--point", "30,20"]
+        first = subprocess.run(args + ["-o", str(tmp_path / "a")], capture_output=True, text=True, env=env)
+        assert first.returncode == 0, first.stderr
+        assert "converting" in first.stderr and (tmp_path / "a" / "x_mask0.png").exists()
+        assert any(p.endswith("/efficientvit_sam_l0.pt") for _, m, p, _ in hub.requests if m == "GET")
+        env["HF_HUB_OFFLINE"] = "1"
+        second = subprocess.run(args + ["-o", str(tmp_path / "b")], capture_output=True, text=True, env=env)
+        assert second.returncode == 0, second.stderr
+        assert "converting" not in second.stderr
+        same = [np.asarray(Image.open(tmp_path / d / "x_mask0.png")) for d in ("a", "b")]
+        np.testing.assert_array_equal(*same)
+        assert commit
+    finally:
+        hub.stop()
