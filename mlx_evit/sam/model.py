@@ -9,6 +9,9 @@
   Fourier positional encoding, two-way transformer, hypernetwork mask head),
   with exact GELU and every norm at eps 1e-6 as in the released models.
 
+One file of about 650 lines, as every family here: the three networks share the released checkpoint's
+key layout, which is declared beside them.
+
 MLX parameter paths are the original state-dict keys (``image_encoder.backbone.stages.0.op_list.0.conv.weight``,
 ``mask_decoder.transformer.layers.0.self_attn.q_proj.weight``), so the released ``.pt`` files load through one
 :class:`~mlx_evit.weights.KeyMap` (:data:`ORIGINAL_LAYOUT`) without renaming.
