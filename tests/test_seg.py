@@ -107,9 +107,11 @@ def test_wrong_variant_is_refused_with_the_keys(shapes):
 @pytest.mark.parametrize("fixture,fuse", [
     (f, fuse) for f in FIXTURES if f != "seg_l1_city_256x512" for fuse in (False, True)
 ] + [pytest.param("seg_l1_city_256x512", True, marks=pytest.mark.slow)])  # L1: 40M parameters, fused only
-def test_fixture_parity(fixture, fuse, shapes):
+def test_fixture_parity(fixture, fuse, shapes, monkeypatch):
     """Stage maps, stride-8 logits, bicubic-resized corners and the full-size argmax of the original code."""
     name, shape, out_size = FIXTURES[fixture]
+    if fuse:  # high-resolution blocks in bands of rows (at 1024x2048 by default; here at every size)
+        monkeypatch.setattr("mlx_evit.seg.BAND_ELEMENTS", 1 << 15)
     ref = synthetic.fixture(fixture)
     x = synthetic.synthetic_normal(f"input/{fixture}/x", shape)
     assert synthetic.crc32(x) == int(ref["input_crc32"])
@@ -179,3 +181,28 @@ def test_layouts_are_told_apart_from_classification_checkpoints():
     assert ORIGINAL_SEG_LAYOUT.matches(cls_keys) == 0 and ORIGINAL_SEG_LARGE_LAYOUT.matches(cls_keys) == 0
     assert ORIGINAL_LAYOUT.matches(cls_keys) > 0
     assert EfficientViTSeg.checkpoint_layouts == (ORIGINAL_SEG_LAYOUT, ORIGINAL_SEG_LARGE_LAYOUT)
+
+
+@pytest.mark.parametrize("kind,stride", [("mbconv", 1), ("mbconv", 2), ("fmbconv", 2), ("dsconv", 1), ("resblock", 1)])
+@pytest.mark.parametrize("height", [37, 64])
+def test_banded_blocks_equal_the_whole_computation(kind, stride, height):
+    """High-resolution blocks run in bands of rows with halos; the result is the whole block's."""
+    from mlx_evit.layers import hardswish
+    from mlx_evit.mit import DSConv, FusedMBConv, MBConv, ResBlock, Residual
+    from mlx_evit.seg import run_banded
+
+    mx.random.seed(0)
+    block = {
+        "mbconv": lambda: MBConv(8, 8, stride, 4, hardswish, 1e-5),
+        "fmbconv": lambda: FusedMBConv(8, 8, stride, 4, hardswish, 1e-5),
+        "dsconv": lambda: DSConv(8, 8, stride, hardswish, 1e-5),
+        "resblock": lambda: ResBlock(8, 8, stride, hardswish, 1e-5),
+    }[kind]()
+    block = Residual(block, shortcut=stride == 1)
+    block.eval()
+    x = mx.random.normal((2, height, 19, 8))
+    whole = np.asarray(block(x))
+    for budget in (1, 2000, 10**9):  # 8-row bands ... one band
+        banded = np.asarray(run_banded(block, x, max_elements=budget))
+        assert banded.shape == whole.shape
+        np.testing.assert_allclose(banded, whole, atol=1e-5, rtol=1e-5)
