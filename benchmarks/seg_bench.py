@@ -4,11 +4,12 @@
     python benchmarks/seg_bench.py --models b0 --sizes 512x1024 --repeats 3 --json out.json
 
 Both sides get the same synthetic weights (the fixtures' generator) and the
-same input, and are first checked to give the same logits. Timing runs
-both models in one process with the same threads
-(``OMP/OPENBLAS/MKL_NUM_THREADS`` and ``torch.set_num_threads``), alternating
-calls so that both see the same machine load; peak memory is measured per
-(side, model, size) in a fresh process. Per configuration:
+same input, and are first checked to give the same logits. Every
+measurement runs in a fresh process with the same threads
+(``OMP/OPENBLAS/MKL_NUM_THREADS`` and ``torch.set_num_threads``); the timing
+processes alternate between the sides (``--rounds``), so that both see the
+same machine load, and never share a process (idle BLAS/OpenMP threads of
+one library spin and slow the other down). Per configuration:
 
 * ``forward``: median seconds of the stride-8 logits (mlx_evit: the
   Segmenter's inference path, :func:`mlx_evit.inference.prepare`, BatchNorms
@@ -33,6 +34,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -170,25 +172,19 @@ def memory_worker(side: str, name: str, h: int, w: int, threads: int) -> dict:
     return out
 
 
-def time_pair(name: str, h: int, w: int, repeats: int, threads: int) -> dict:
-    """Median seconds per call of both sides, alternating calls so that both see the same machine load."""
-    import numpy as np
-
-    sides = {side: _build(side, name, h, w, threads) for side in ("torch", "mlx")}
+def time_worker(side: str, name: str, h: int, w: int, repeats: int, threads: int) -> dict:
+    """Seconds per call of one side in this process (after two warm-up calls of each kind)."""
+    fns = dict(zip(("forward", "labels"), _build(side, name, h, w, threads)))
     out = {}
-    for i, label in enumerate(("forward", "labels")):
-        for side in sides:  # warm-up: MLX compiles and tunes; both fault in their buffers
-            sides[side][i]()
-            sides[side][i]()
-        runs = {side: [] for side in sides}
+    for label, fn in fns.items():
+        fn()  # warm-up: MLX compiles and tunes; both fault in their buffers
+        fn()
+        runs = []
         for _ in range(repeats):
-            for side, fns in sides.items():
-                t = time.perf_counter()
-                fns[i]()
-                runs[side].append(time.perf_counter() - t)
-        for side in sides:
-            out.setdefault(side, {})[label] = {"median_s": float(np.median(runs[side])),
-                                               "min_s": float(np.min(runs[side])), "runs": runs[side]}
+            t = time.perf_counter()
+            fn()
+            runs.append(time.perf_counter() - t)
+        out[label] = runs
     return out
 
 
@@ -218,6 +214,15 @@ def check_equal(name: str) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
+def _spawn(worker_args: list, args: argparse.Namespace) -> dict:
+    """Run one worker in a fresh process; its JSON answer."""
+    proc = subprocess.run([sys.executable, __file__, "--worker", *map(str, worker_args), "--repeats",
+                           str(args.repeats), "--threads", str(args.threads)], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        raise SystemExit(f"worker {worker_args} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -225,11 +230,16 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", metavar="FILE", help="write all measurements as JSON")
-    parser.add_argument("--worker", nargs=4, metavar=("SIDE", "NAME", "H", "W"), help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="timing processes per side, alternating torch and mlx (default 2)")
+    parser.add_argument("--worker", nargs=5, metavar=("KIND", "SIDE", "NAME", "H", "W"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        side, name, h, w = args.worker
-        print(json.dumps(memory_worker(side, name, int(h), int(w), args.threads)))
+        kind, side, name, h, w = args.worker
+        if kind == "memory":
+            print(json.dumps(memory_worker(side, name, int(h), int(w), args.threads)))
+        else:
+            print(json.dumps(time_worker(side, name, int(h), int(w), args.repeats, args.threads)))
         return 0
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         if os.environ.get(var) != str(args.threads):  # the BLAS libraries read them when loaded: rerun
@@ -246,19 +256,21 @@ def main(argv=None) -> int:
         print(f"{name}: mlx_evit vs PyTorch logits at 128x256, max rel diff {checks[name]:.1e}", flush=True)
         for h, w in sizes:
             for side in ("torch", "mlx"):
-                proc = subprocess.run([sys.executable, __file__, "--worker", side, name, str(h), str(w),
-                                       "--threads", str(args.threads)], capture_output=True, text=True, cwd=ROOT)
-                if proc.returncode:
-                    print(proc.stderr, file=sys.stderr)
-                    return 1
-                memory[(name, h, w, side)] = json.loads(proc.stdout.strip().splitlines()[-1])
-            timing[(name, h, w)] = time_pair(name, h, w, args.repeats, args.threads)
+                memory[(name, h, w, side)] = _spawn(["memory", side, name, h, w], args)
+            runs = {side: {"forward": [], "labels": []} for side in ("torch", "mlx")}
+            for _ in range(args.rounds):  # separate processes, one side after the other
+                for side in ("torch", "mlx"):
+                    for label, values in _spawn(["time", side, name, h, w], args).items():
+                        runs[side][label] += values
+            timing[(name, h, w)] = {
+                side: {label: {"median_s": float(statistics.median(v)), "min_s": float(min(v)), "runs": v}
+                       for label, v in r.items()} for side, r in runs.items()}
             t = timing[(name, h, w)]
             print(f"  {h}x{w}: torch {t['torch']['forward']['median_s']:.3f} s, "
                   f"mlx {t['mlx']['forward']['median_s']:.3f} s", flush=True)
 
     print(f"\n{platform.machine()}, {os.cpu_count()} cores, threads {args.threads}, batch 1, median of "
-          f"{args.repeats} alternating calls; wall {time.time() - start:.0f} s")
+          f"{args.rounds} x {args.repeats} calls (fresh processes, sides alternating); wall {time.time() - start:.0f} s")
     print(f"{'model':<31} {'size':>9} | {'forward torch':>13} {'mlx':>6} {'ratio':>6} | {'labels torch':>12} "
           f"{'mlx':>6} {'ratio':>6} | {'peak MB torch':>13} {'mlx':>5} {'(MLX arrays)':>12}")
     for key in args.models:
