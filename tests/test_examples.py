@@ -353,9 +353,11 @@ def test_readme_cpp_program_runs_the_exported_model(demo, tmp_path):
     # program runs with that same BLAS, so that the results must be identical.
     reference = ("import sys, numpy as np, mlx_evit, mlx_evit._blas as b, mlx.core as mx\n"
                  "np.save('expected.npy', np.array(mlx_evit.load(sys.argv[1])(mx.array(np.load('images.npy')))))\n"
-                 "print(b.LOADED or '')")
-    blas = run(["-c", reference, str(cwd / "digits_model")], cwd=tmp_path).stdout.strip()
+                 "print(b.LOADED or '', b.info().core or '')")
+    blas, _, core = run(["-c", reference, str(cwd / "digits_model")], cwd=tmp_path).stdout.strip().partition(" ")
     env = dict(os.environ, LD_PRELOAD=blas) if blas else dict(os.environ)
+    if blas and core:  # the OpenBLAS kernel core mlx_evit chose from the CPU's features
+        env["OPENBLAS_CORETYPE"] = core
     proc = subprocess.run([str(tmp_path / "run"), str(cwd / "digits_model.mlxfn"), "images.npy", "logits.npy"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120, check=True, env=env)
     assert json.loads(proc.stdout.splitlines()[0])["labels"] == ["one", "two", "zero"]
