@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from typing import Callable, Optional, Sequence, TextIO
 
 from ..dtypes import DTYPE_NAMES
+from .common import EXIT_FAILED as EXIT_IMAGES_FAILED
+from .common import EXIT_OK, EXIT_USAGE, guarded, positive_int
 
 __all__ = ["main", "build_parser"]
 
 PROG = "python -m mlx_evit.evaluate"
-EXIT_OK, EXIT_IMAGES_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-DEBUG_ENV = "MLX_EVIT_DEBUG"
 
 _EPILOG = """\
 data:
@@ -61,16 +60,6 @@ exit status:
 """
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -96,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "timm folder or checkpoint file")
     p.add_argument("--class-map", metavar="FILE", help="folder -> class table (JSON object, or FOLDER<TAB>CLASS lines)")
     p.add_argument("--labels", metavar="FILE", help="class names of the model (one per line, or JSON)")
-    p.add_argument("--batch-size", "-b", type=_positive_int, default=16, metavar="N", help="images per batch (16)")
+    p.add_argument("--batch-size", "-b", type=positive_int, default=16, metavar="N", help="images per batch (16)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
                    help="model dtype (default float32; half precision is for the GPU)")
     p.add_argument("--skip-errors", action="store_true",
@@ -155,20 +144,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stderr.write(f"{PROG}: {where}error: {message}\n")
         sys.stderr.flush()
 
-    try:
-        return _run(args, ranks, error)
-    except RankFailure as e:
-        error(f"{e}; stopping, nothing written")
-        return EXIT_RANK_FAILED
-    except KeyboardInterrupt:
-        error("interrupted")
-        return EXIT_INTERRUPTED
-    except Exception as e:
-        if os.environ.get(DEBUG_ENV):
-            raise
-        error(f"unexpected {type(e).__name__}: {' '.join(str(e).split()) or type(e).__name__} "
-              f"(rerun with {DEBUG_ENV}=1 for the traceback)")
-        return EXIT_INTERNAL
+    def body() -> int:
+        try:
+            return _run(args, ranks, error)
+        except RankFailure as e:
+            error(f"{e}; stopping, nothing written")
+            return EXIT_RANK_FAILED
+
+    return guarded(body, error)
 
 
 def _run(args: argparse.Namespace, ranks, error: Callable[[str], None]) -> int:
