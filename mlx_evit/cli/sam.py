@@ -17,13 +17,16 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from ..dtypes import DTYPE_NAMES as DTYPES
+from ..errors import one_line
+from .common import EXIT_FAILED as EXIT_IMAGE_FAILED
+from .common import EXIT_OK, EXIT_USAGE, guarded
+from .common import positive_int as _positive
+
 __all__ = ["main", "build_parser", "parse_point", "parse_box"]
 
 PROG = "python -m mlx_evit.sam"
 DEFAULT_MODEL = "efficientvit_sam_l0"
-DTYPES = ("float32", "float16", "bfloat16")
-EXIT_OK, EXIT_IMAGE_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-DEBUG_ENV = "MLX_EVIT_DEBUG"
 # Mask colours of the overlay (RGB), cycled.
 PALETTE = np.array([[30, 144, 255], [255, 64, 64], [64, 200, 64], [255, 200, 0], [200, 64, 255],
                     [0, 220, 220], [255, 128, 0], [160, 160, 160]], np.uint8)
@@ -99,16 +102,6 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Segment an image with EfficientViT-SAM from point "
                                 "and box prompts, or segment everything.", epilog=_EPILOG,
@@ -145,18 +138,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(e.code or 0)
 
     def error(message: str) -> None:
-        print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+        print(f"{PROG}: error: {one_line(message)}", file=sys.stderr, flush=True)
 
-    try:
-        return _run(args, error)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as e:
-        if os.environ.get(DEBUG_ENV):
-            raise
-        error(f"unexpected {type(e).__name__}: {e} (rerun with {DEBUG_ENV}=1 for the traceback)")
-        return EXIT_INTERNAL
+    return guarded(lambda: _run(args, error), error)
 
 
 def _log(args: argparse.Namespace) -> Callable[[str], None]:
