@@ -392,3 +392,10 @@ def test_readme_offline_block_runs_verbatim(tmp_path):
     assert report["images"] == 4 and report["dataset"] == "cityscapes" and 0.0 <= report["miou"] <= 1.0
     present = {c["name"] for c in report["per_class"] if c["pixels"]}
     assert {"road", "sidewalk", "sky", "car"} <= present  # the demo's labels map to their train ids
+
+
+def test_segment_is_a_subcommand_of_python_m_mlx_evit(capsys):
+    from mlx_evit.cli.main import main as mlx_evit_main
+
+    assert mlx_evit_main(["segment", "--help"]) == 0
+    assert "--labels-dir" in capsys.readouterr().out
