@@ -18,14 +18,14 @@ from typing import Any, Callable, Optional, Sequence, TextIO
 import numpy as np
 
 from ..dtypes import DTYPE_NAMES
+from .common import EXIT_FAILED as EXIT_IMAGES_FAILED
+from .common import EXIT_OK, EXIT_USAGE, error_printer, guarded
 
 __all__ = ["main", "build_parser", "label_file_for"]
 
 PROG = "python -m mlx_evit.segment"
 FORMATS = ("none", "json", "csv")
 REPORTS = ("text", "json")
-EXIT_OK, EXIT_IMAGES_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-DEBUG_ENV = "MLX_EVIT_DEBUG"
 
 _EPILOG = """\
 outputs (--output-dir DIR), per image NAME (the file name without extension;
@@ -194,21 +194,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
 
-    def error(message: str) -> None:
-        print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    printer = error_printer(PROG)
 
-    try:
-        if args.eval is not None:
-            return _evaluate(args, error)
-        return _segment(args, error)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as e:
-        if os.environ.get(DEBUG_ENV):
-            raise
-        error(f"unexpected {type(e).__name__}: {e} (rerun with {DEBUG_ENV}=1 for the traceback)")
-        return EXIT_INTERNAL
+    def error(message: str) -> None:
+        printer(" ".join(str(message).split()))
+
+    return guarded(lambda: _evaluate(args, error) if args.eval is not None else _segment(args, error), error)
 
 
 def _run_inputs(files: Sequence[str], args: argparse.Namespace) -> list[str]:
