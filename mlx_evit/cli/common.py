@@ -23,6 +23,7 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "DEBUG_ENV",
     "positive_int",
+    "unit_fraction",
     "error_printer",
     "guarded",
 ]
@@ -40,6 +41,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def unit_fraction(text: str) -> float:
+    """argparse type: a number in [0, 1] (opacities, thresholds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
     return value
 
 

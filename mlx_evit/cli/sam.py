@@ -20,6 +20,7 @@ import numpy as np
 from ..dtypes import DTYPE_NAMES as DTYPES
 from ..errors import one_line
 from .common import EXIT_FAILED as EXIT_IMAGE_FAILED
+from .common import unit_fraction as _fraction
 from .common import EXIT_OK, EXIT_USAGE, guarded
 from .common import positive_int as _positive
 
@@ -90,16 +91,6 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
     if x1 < x0 or y1 < y0:
         raise argparse.ArgumentTypeError(f"box corners must satisfy X0 <= X1 and Y0 <= Y1, got {text!r}")
     return x0, y0, x1, y1
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..dtypes import DTYPE_NAMES
 from .common import EXIT_FAILED as EXIT_IMAGES_FAILED
+from .common import unit_fraction as _alpha
 from .common import EXIT_OK, EXIT_USAGE, error_printer, guarded
 
 __all__ = ["main", "build_parser", "label_file_for"]
@@ -65,16 +66,6 @@ examples:
   python -m mlx_evit.segment --eval val/images --labels-dir val/labels --dataset ade20k \\
       --model efficientvit_seg_b1_ade20k --report json
 """
-
-
-def _alpha(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
