@@ -245,15 +245,23 @@ class Classifier:
         return [pool.submit(self._load_one, name) for name in chunk]
 
     def _load_one(self, name: str) -> Union[np.ndarray, str]:
-        """Preprocessed pixels, or the error message for this file."""
-        try:
-            return self.transform(load_image(name))
-        except ImageLoadError as e:
-            return str(e)
-        except MemoryError:
-            return f"{name}: out of memory while decoding"
-        except Exception as e:  # a decoder bug must not stop the other files
-            return f"{name}: cannot decode image ({type(e).__name__}: {one_line(e)})"
+        return load_pixels(self.transform, name)
+
+
+def load_pixels(transform: Callable[[Any], np.ndarray], path: str) -> Union[np.ndarray, str]:
+    """``transform(image)`` of one file, or the one-line message naming why it cannot be read.
+
+    Used by the loader threads of :class:`Classifier` and of :mod:`mlx_evit.evaluate`: an
+    unreadable or undecodable file becomes a message, never an exception that stops the others.
+    """
+    try:
+        return transform(load_image(path))
+    except ImageLoadError as e:
+        return str(e)
+    except MemoryError:
+        return f"{path}: out of memory while decoding"
+    except Exception as e:  # a decoder bug must not stop the other files
+        return f"{path}: cannot decode image ({type(e).__name__}: {one_line(e)})"
 
 
 def _check_top_k(k: int, num_classes: int) -> int:

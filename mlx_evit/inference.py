@@ -47,6 +47,7 @@ result is evaluated before the call returns.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import shutil
 import time
@@ -68,8 +69,12 @@ CACHE_LIMIT = 1 << 30  # bytes of freed buffers MLX may keep for reuse (see prep
 COMPILE_AFTER_PIXELS = 4_000_000  # CPU, compile="auto": eager until this many input pixels (module docstring)
 
 
+@functools.cache
 def cpu_compile_available() -> bool:
-    """True when MLX's CPU backend can JIT-compile fused kernels (it shells out to ``g++``)."""
+    """True when MLX's CPU backend can JIT-compile fused kernels (it shells out to ``g++``).
+
+    Looked up once per process: the predictor asks on every call.
+    """
     return shutil.which("g++") is not None
 
 

@@ -362,18 +362,28 @@ class MitEfficientViT(Described, nn.Module):
         self.attention_eps = attention_eps
 
         self.stem = Stem(in_chans, widths[0], depths[0], large, act_fn, eps)
-        self.stages = []
-        cin = widths[0]
-        for i, (w, d) in enumerate(zip(widths[1:], depths[1:])):
-            if large:
-                blocks = self._large_stage(i, cin, w, d, head_dim, act_fn, eps, attention_eps)
-            else:
-                blocks = self._stage(i, cin, w, d, head_dim, expand_ratio, act_fn, eps, attention_eps)
-            self.stages.append(Stage(blocks))
-            cin = w
+        self.stages = self.build_stages(widths, depths, head_dim, large, act_fn, eps, attention_eps, expand_ratio)
+        cin = widths[-1]
         # Per returned feature map: channels and stride (reduction), as timm's feature_info.
         self.feature_info = [dict(num_chs=w, reduction=2 ** (i + 2)) for i, w in enumerate(widths[1:])]
         self.head = ClassifierHead(cin, head_widths, self.num_classes, act_fn, eps, head_eps, drop_rate)
+
+    @classmethod
+    def build_stages(cls, widths: Sequence[int], depths: Sequence[int], head_dim: int, large: bool, act, eps: float,
+                     attention_eps: float, expand_ratio: float = 4.0) -> list[Stage]:
+        """The four backbone stages after the stem (``widths[0]`` channels in), B or L series.
+
+        Shared with the segmentation backbone (:mod:`mlx_evit.seg`), which runs them its own way.
+        """
+        stages, cin = [], widths[0]
+        for i, (w, d) in enumerate(zip(widths[1:], depths[1:])):
+            if large:
+                blocks = cls._large_stage(i, cin, w, d, head_dim, act, eps, attention_eps)
+            else:
+                blocks = cls._stage(i, cin, w, d, head_dim, expand_ratio, act, eps, attention_eps)
+            stages.append(Stage(blocks))
+            cin = w
+        return stages
 
     @staticmethod
     def _stage(i, cin, w, d, head_dim, expand, act, eps, attention_eps) -> list[nn.Module]:

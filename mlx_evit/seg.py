@@ -39,7 +39,7 @@ import mlx.nn as nn
 
 from .layers import ConvNorm, check_image_input, fuse_modules, get_act
 from .mit import (ORIGINAL_LARGE_LAYOUT, ORIGINAL_LAYOUT, DSConv, FusedMBConv, MBConv, MitEfficientViT, ResBlock,
-                  Residual, Stage, Stem)
+                  Residual, Stem)
 from .metadata import Described
 from .specs import ModelEntry, PretrainedCfg
 from .resize import resize
@@ -141,15 +141,8 @@ class SegBackbone(nn.Module):
             raise ValueError(f"widths and depths need 5 entries (stem + 4 stages), got {widths}, {depths}")
         self.in_chans = in_chans
         self.stem = Stem(in_chans, widths[0], depths[0], large, act, eps)
-        self.stages = []
-        cin = widths[0]
-        for i, (w, d) in enumerate(zip(widths[1:], depths[1:])):
-            if large:
-                blocks = MitEfficientViT._large_stage(i, cin, w, d, head_dim, act, eps, attention_eps)
-            else:
-                blocks = MitEfficientViT._stage(i, cin, w, d, head_dim, expand_ratio, act, eps, attention_eps)
-            self.stages.append(Stage(blocks))
-            cin = w
+        self.stages = MitEfficientViT.build_stages(widths, depths, head_dim, large, act, eps, attention_eps,
+                                                   expand_ratio)
 
     def __call__(self, x: mx.array) -> list[mx.array]:
         stem = self.stem

@@ -28,17 +28,6 @@ from ..classifier import (
 )
 from ..cli.classify import CSV_COLUMNS, FORMATS, build_parser, main
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "IMAGE_EXTENSIONS",
-    "CSV_COLUMNS",
-    "FORMATS",
-    "Prediction",
-    "Classification",
-    "ImageFailure",
-    "Classifier",
-    "ClassifierError",
-    "expand_inputs",
-    "build_parser",
-    "main",
-]
+from ..classifier import __all__ as _library_names
+
+__all__ = [*_library_names, "CSV_COLUMNS", "FORMATS", "build_parser", "main"]

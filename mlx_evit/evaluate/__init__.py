@@ -38,10 +38,10 @@ import numpy as np
 
 import mlx.core as mx
 
+from ..classifier import load_pixels
 from ..classify import IMAGE_EXTENSIONS, Classifier
 from ..inference import prepare
 from ..labels import Label
-from ..preprocess import ImageLoadError, load_image
 from ..distributed import RankFailure, Ranks
 
 __all__ = [
@@ -458,18 +458,6 @@ def check_output(folder: Union[str, os.PathLike], data_root: Union[str, os.PathL
                             describe="an evaluation output folder (with summary.json)", option=option)
 
 
-def _load(transform: Callable[[Any], np.ndarray], path: str) -> Union[np.ndarray, str]:
-    """Preprocessed ``(H, W, 3)`` pixels of one file, or the message naming why it cannot be read."""
-    try:
-        return transform(load_image(path))
-    except ImageLoadError as e:
-        return str(e)
-    except MemoryError:
-        return f"{path}: out of memory while decoding"
-    except Exception as e:  # a decoder bug must not stop the other files
-        return f"{path}: cannot decode image ({type(e).__name__}: {' '.join(str(e).split())})"
-
-
 def _mean(values: np.ndarray) -> float:
     return float(values.mean()) if values.size else math.nan
 
@@ -534,7 +522,7 @@ def evaluate(
     def submit(b: int) -> list[Future]:
         if b >= batches:
             return []
-        return [pool.submit(_load, classifier.transform, dataset.files[i])
+        return [pool.submit(load_pixels, classifier.transform, dataset.files[i])
                 for i in range(b * batch_size, min(n, (b + 1) * batch_size))]
 
     try:
