@@ -105,10 +105,10 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 WRAPPER = textwrap.dedent("""
     import os, sys, threading, time
     import mlx_evit
-    import mlx_evit.evaluate as evaluation
+    import mlx_evit.classifier as loading  # evaluation's loader threads read files through it
     how, nth, rank, *rest = sys.argv[1:]
     if os.environ.get("MLX_RANK") == rank:
-        original, calls, lock = evaluation.load_image, [0], threading.Lock()
+        original, calls, lock = loading.load_image, [0], threading.Lock()
         def load_image(path):
             with lock:
                 calls[0] += 1
@@ -118,7 +118,7 @@ WRAPPER = textwrap.dedent("""
                     os._exit(9)
                 time.sleep(3600)
             return original(path)
-        evaluation.load_image = load_image
+        loading.load_image = load_image
     from mlx_evit.cli.evaluate import main
     sys.exit(main(rest))
 """)
