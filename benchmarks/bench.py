@@ -17,7 +17,7 @@ separates runtimes, so that load from other processes and spinning worker
 threads hit all of them alike. Reported: the median over
 rounds (images/s), the spread, and the load average.
 
-* mlx_evit: its default inference path, ``mlx_evit.inference.prepare(model)``
+* mlx_evit: its default inference path, ``mlx_evit.tasks.inference.prepare(model)``
   (BatchNorm folded, ``mx.compile``, OpenBLAS GEMMs, a batch split across two
   CPU streams when timing the first calls says it pays).
 * timm: ``timm.create_model`` in eval mode under ``torch.inference_mode()``,
@@ -142,7 +142,7 @@ def ensure_weights(cache: str, name: str, res: int) -> str:
     tmp = path + ".tmp.safetensors"
     if family(name) == "seed":
         import mlx.core as mx
-        from mlx_evit.registry import build_model
+        from mlx_evit.models.registry import build_model
 
         mx.random.seed(WEIGHTS_SEED)
         model = build_model(name, **SEED_ARGS)
@@ -172,7 +172,7 @@ def load_torch(name: str, res: int, weights: str):
         import torch_seed
         from safetensors.numpy import load_file
 
-        from mlx_evit.registry import get_entry
+        from mlx_evit.models.registry import get_entry
 
         args = dict(get_entry(name).defaults, **SEED_ARGS)
         return torch_seed.load_mlx_weights(torch_seed.from_mlx_config(args), load_file(weights))
@@ -186,7 +186,7 @@ def load_torch(name: str, res: int, weights: str):
 def load_mlx(name: str, res: int, weights: str):
     """The MLX model with the benchmark weights (eval mode, unfused)."""
     from mlx_evit import create_model
-    from mlx_evit.registry import build_model
+    from mlx_evit.models.registry import build_model
 
     if family(name) == "seed":
         model = build_model(name, **SEED_ARGS)
@@ -244,7 +244,7 @@ def runtime_fn(runtime: str, case: Case, cache: str, threads: int, x_nhwc, torch
     weights = weights_path(cache, case.model, case.res)
     if runtime == "mlx":
         import mlx.core as mx
-        from mlx_evit.inference import prepare
+        from mlx_evit.tasks.inference import prepare
 
         # The default path; with one thread there is no second core to split a batch onto.
         predictor = prepare(load_mlx(case.model, case.res, weights), compile=True, streams=None if threads >= 2 else 1)
@@ -422,7 +422,7 @@ def run_precision(name: str, args, log) -> list[dict]:
     import mlx.core as mx
     import numpy as np
 
-    from mlx_evit.inference import parameter_bytes, prepare
+    from mlx_evit.tasks.inference import parameter_bytes, prepare
 
     res, batch = 224, 8
     ensure_weights(args.cache_dir, name, res)
@@ -576,8 +576,8 @@ def git_revision() -> Optional[str]:
 
 
 def metadata(args) -> dict:
-    from mlx_evit import _blas
-    from mlx_evit.inference import cpu_compile_available
+    from mlx_evit.ops import blas as _blas
+    from mlx_evit.tasks.inference import cpu_compile_available
 
     import mlx.core as mx
 
@@ -770,7 +770,7 @@ def main(argv=None) -> int:
         return 0
 
     import mlx_evit  # noqa: F401  (preloads OpenBLAS for MLX before mlx.core)
-    from mlx_evit.registry import get_entry
+    from mlx_evit.models.registry import get_entry
 
     full = args.models is None and args.resolutions is None and args.batch_sizes is None
     cases = plan(args)

@@ -37,7 +37,7 @@ if kind == "mlx":
     if order == "mlx-first":
         import mlx.core
     import mlx_evit
-    from mlx_evit import _blas
+    from mlx_evit.ops import blas as _blas
     import mlx.core as mx
     a = mx.random.normal((size, size)); b = mx.random.normal((size, size)); mx.eval(a, b)
     gflops = timed(lambda: mx.eval(a @ b))

@@ -57,7 +57,7 @@ def free_port_pair() -> int:
 
 def build(folder: Path, model: str, images: int) -> tuple[Path, Path]:
     import mlx_evit
-    from mlx_evit.labels import imagenet_labels
+    from mlx_evit.tasks.labels import imagenet_labels
 
     import mlx.core as mx
 

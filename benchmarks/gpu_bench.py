@@ -9,7 +9,7 @@ built-in ops (``MLX_EVIT_KERNELS=native``, which ``auto`` picks on a GPU device)
 (model, batch) both runtimes get timm's random weights; logits are compared first (max abs
 difference, printed), then each runtime times ``--repeats`` bursts in alternation and the median
 images/s and the ratio mlx/torch are reported. torch runs eager under ``inference_mode`` on
-``cuda`` (or the CPU with ``--device cpu``); MLX runs ``mlx_evit.inference.prepare(model)``
+``cuda`` (or the CPU with ``--device cpu``); MLX runs ``mlx_evit.tasks.inference.prepare(model)``
 (BatchNorm folded, compiled). Results go to stdout and, with ``--json``, to a file.
 """
 
@@ -56,7 +56,7 @@ def run_case(name: str, res: int, batch: int, device: str, repeats: int, burst: 
     from safetensors.torch import save_file
     import tempfile, os
 
-    from mlx_evit.inference import prepare
+    from mlx_evit.tasks.inference import prepare
 
     tdev = torch.device("cuda" if device == "gpu" else "cpu")
     tm = _timm_weights(name, res)

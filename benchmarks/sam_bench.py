@@ -100,9 +100,9 @@ def worker_mlx(variant: str, repeats: int, threads: int, dtype: str = "float32")
 
     import mlx_evit  # noqa: F401  (BLAS first)
     import mlx.core as mx
-    from mlx_evit.registry import build_model
+    from mlx_evit.models.registry import build_model
     from mlx_evit.sam import SamPredictor
-    from mlx_evit.weights import load_state_dict
+    from mlx_evit.models.keymap import load_state_dict
 
     model = build_model(UPSTREAM[variant])
     load_state_dict(model, _state(variant))

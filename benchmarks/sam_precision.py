@@ -23,9 +23,9 @@ parser.add_argument("--json")
 args = parser.parse_args()
 
 import mlx_evit  # noqa: E402,F401  (BLAS first)
-from mlx_evit.registry import build_model  # noqa: E402
+from mlx_evit.models.registry import build_model  # noqa: E402
 from mlx_evit.sam import SamPredictor  # noqa: E402
-from mlx_evit.weights import load_state_dict  # noqa: E402
+from mlx_evit.models.keymap import load_state_dict  # noqa: E402
 
 CASES = [dict(point_coords=[[320, 200]], point_labels=[1]),
          dict(point_coords=[[100, 100], [400, 300]], point_labels=[1, 0], multimask_output=False),

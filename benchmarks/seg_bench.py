@@ -12,15 +12,15 @@ same machine load, and never share a process (idle BLAS/OpenMP threads of
 one library spin and slow the other down). Per configuration:
 
 * ``forward``: median seconds of the stride-8 logits (mlx_evit: the
-  Segmenter's inference path, :func:`mlx_evit.inference.prepare`, BatchNorms
+  Segmenter's inference path, :func:`mlx_evit.tasks.inference.prepare`, BatchNorms
   folded and compiled, high-resolution blocks in bands of rows; PyTorch: the model in eval mode under ``torch.inference_mode``);
 * ``labels``: forward + bicubic resize of the logits to the input size +
-  argmax (mlx_evit: :func:`mlx_evit.resize.resize_argmax`, banded; PyTorch:
+  argmax (mlx_evit: :func:`mlx_evit.ops.resampling.resize_argmax`, banded; PyTorch:
   ``F.interpolate`` + ``argmax``), what a user of the original code runs;
 * ``peak_mb``: peak resident memory growth of one forward call over the
   process before it (Linux ``VmHWM`` after resetting it), and for MLX also
   ``mx.get_peak_memory()`` (its arrays; the RSS also holds MLX's buffer
-  cache, up to ``mlx_evit.segment.CACHE_LIMIT``).
+  cache, up to ``mlx_evit.tasks.segmenter.CACHE_LIMIT``).
 
 The PyTorch model is ``benchmarks/torch_seg.py`` (ours; the original code is
 not installable), checked against the original code's fixtures by
@@ -128,11 +128,11 @@ def _build(side: str, name: str, h: int, w: int, threads: int):
     import mlx.core as mx
 
     import mlx_evit  # noqa: F401  (BLAS set-up before mlx.core work)
-    from mlx_evit.inference import prepare
-    from mlx_evit.registry import build_model
-    from mlx_evit.resize import resize_argmax
-    from mlx_evit.segment import CACHE_LIMIT
-    from mlx_evit.weights import load_state_dict
+    from mlx_evit.tasks.inference import prepare
+    from mlx_evit.models.registry import build_model
+    from mlx_evit.ops.resampling import resize_argmax
+    from mlx_evit.tasks.segmenter import CACHE_LIMIT
+    from mlx_evit.models.keymap import load_state_dict
 
     model = build_model(name)
     load_state_dict(model, sd)
@@ -195,8 +195,8 @@ def check_equal(name: str) -> float:
     import torch
 
     import mlx_evit  # noqa: F401
-    from mlx_evit.registry import build_model
-    from mlx_evit.weights import load_state_dict
+    from mlx_evit.models.registry import build_model
+    from mlx_evit.models.keymap import load_state_dict
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch_seg

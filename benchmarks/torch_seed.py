@@ -1,7 +1,7 @@
 """The seed model in plain PyTorch (eager), for the benchmark's PyTorch and ONNX Runtime baselines.
 
 timm has no seed model, so this is what a PyTorch user of the seed design
-would run: the same architecture as :mod:`mlx_evit.seed`, written the usual
+would run: the same architecture as :mod:`mlx_evit.models.seed`, written the usual
 PyTorch way (NCHW convolutions, ``nn.Linear``/``nn.LayerNorm`` on channels-last
 tokens). Module names equal the MLX parameter paths, so
 :func:`load_mlx_weights` copies an MLX model's weights over by name
@@ -18,7 +18,7 @@ import torch
 import torch.nn as tnn
 import torch.nn.functional as F
 
-ATTN_EPS = 1e-6  # mlx_evit.seed.ATTN_EPS
+ATTN_EPS = 1e-6  # mlx_evit.models.seed.ATTN_EPS
 
 
 def _phi(x: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,9 @@
 import argparse
 
 import mlx_evit  # import before mlx.core (it sets up BLAS)
-from mlx_evit.hub import HubError
-from mlx_evit.labels import imagenet_labels
-from mlx_evit.preprocess import preprocess
+from mlx_evit.loading.hub import HubError
+from mlx_evit.tasks.labels import imagenet_labels
+from mlx_evit.tasks.preprocess import preprocess
 
 import mlx.core as mx
 

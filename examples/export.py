@@ -3,7 +3,7 @@
     python examples/export.py --output b0.mlxfn                                   # timm weights from the Hub
     python examples/export.py --weights my_model --output my_model.mlxfn --batch-size 8
 
-The file holds the forward pass of the model as ``mlx_evit.inference.prepare``
+The file holds the forward pass of the model as ``mlx_evit.tasks.inference.prepare``
 sets it up (eval mode, BatchNorms folded, optionally float16/bfloat16 or
 4/8-bit weights) together with the weights, for one input shape
 ``(batch, H, W, 3)``: float32 NHWC images, resized, cropped and normalized
@@ -25,12 +25,12 @@ import json
 import os
 
 import mlx_evit  # import before mlx.core (it sets up BLAS)
-from mlx_evit.hub import HubError, pretrained_dir
-from mlx_evit.inference import prepare
-from mlx_evit.labels import imagenet_labels
-from mlx_evit.dtypes import DTYPE_NAMES
-from mlx_evit.preprocess import eval_transform
-from mlx_evit.specs import PREPROCESSING_KEYS
+from mlx_evit.loading.hub import HubError, pretrained_dir
+from mlx_evit.tasks.inference import prepare
+from mlx_evit.tasks.labels import imagenet_labels
+from mlx_evit.ops.dtypes import DTYPE_NAMES
+from mlx_evit.tasks.preprocess import eval_transform
+from mlx_evit.models.specs import PREPROCESSING_KEYS
 
 import mlx.core as mx
 

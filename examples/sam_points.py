@@ -11,8 +11,8 @@ import numpy as np
 from PIL import Image
 
 import mlx_evit  # import before mlx.core (it sets up BLAS)
-from mlx_evit.hub import HubError
-from mlx_evit.preprocess import load_image
+from mlx_evit.loading.hub import HubError
+from mlx_evit.tasks.preprocess import load_image
 from mlx_evit.sam import SamPredictor
 
 parser = argparse.ArgumentParser(description="Masks from point (X,Y[,LABEL]) and box (X0,Y0,X1,Y1) prompts.")

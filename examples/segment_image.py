@@ -11,8 +11,8 @@ import numpy as np
 from PIL import Image
 
 import mlx_evit  # noqa: F401  (import before mlx.core: it sets up BLAS)
-from mlx_evit.hub import HubError
-from mlx_evit.segment import Segmenter
+from mlx_evit.loading.hub import HubError
+from mlx_evit.tasks.segmenter import Segmenter
 
 parser = argparse.ArgumentParser(description="Label every pixel of an image (Cityscapes or ADE20K classes).")
 parser.add_argument("image")

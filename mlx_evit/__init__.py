@@ -3,22 +3,21 @@
 Three model families share one registry:
 
 * the configurable seed model, ``EfficientViT.build(...)`` (cascaded group
-  linear attention, :mod:`mlx_evit.seed`);
-* MIT EfficientViT B0-B3 / L1-L3 (:mod:`mlx_evit.mit`);
-* Microsoft EfficientViT M0-M5 (:mod:`mlx_evit.msra`).
+  linear attention, :mod:`mlx_evit.models.seed`);
+* MIT EfficientViT B0-B3 / L1-L3 (:mod:`mlx_evit.models.mit`);
+* Microsoft EfficientViT M0-M5 (:mod:`mlx_evit.models.msra`).
 
 All models take NHWC float32 images and return logits (or features).
 """
 
-from . import _blas  # noqa: F401  (must run before mlx.core is imported)
-from . import convert as _convert_package  # noqa: F401  (first: the name ``convert`` is the function below)
-from .api import convert, create_model, load, save_model
-from .layers import fuse_modules
-from .registry import get_pretrained_cfg, list_models
-from .resize import resize  # noqa: F401  (NHWC resize equal to torch interpolate; mlx_evit.resize)
-from .seed import EfficientViT, output_size
+from mlx_evit.ops import blas as _blas  # noqa: F401  (must run before mlx.core is imported)
+from mlx_evit.api import convert, create_model, load, save_model
+from mlx_evit.ops.layers import fuse_modules
+from mlx_evit.models.registry import get_pretrained_cfg, list_models
+from mlx_evit.ops.resampling import resize  # noqa: F401  (NHWC resize equal to torch interpolate; mlx_evit.resize)
+from mlx_evit.models.seed import EfficientViT, output_size
 
-from .version import __version__
+from mlx_evit.version import __version__
 
 __all__ = [
     "EfficientViT",

@@ -3,7 +3,7 @@
 Everything a caller names, a local path or a registered pretrained name
 (``efficientvit_b1.r224_in1k``, ``timm/efficientvit_b1.r224_in1k``), goes
 through :func:`open_model`: one load path for MLX model directories,
-checkpoints and Hub weights (:func:`mlx_evit.hub.pretrained_dir`).
+checkpoints and Hub weights (:func:`mlx_evit.loading.hub.pretrained_dir`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .conversion import Source, from_checkpoint, registry_name
-from .dtypes import cast_model, dtype_name, parse_dtype
-from .hub import pretrained_dir
-from .model_dir import check_target, mlx_config_path, read_model_dir, save_model, save_source
-from .registry import build_model, get_entry
+from mlx_evit.loading.conversion import Source, from_checkpoint, registry_name
+from mlx_evit.ops.dtypes import cast_model, dtype_name, parse_dtype
+from mlx_evit.loading.hub import pretrained_dir
+from mlx_evit.loading.model_dir import check_target, mlx_config_path, read_model_dir, save_model, save_source
+from mlx_evit.models.registry import build_model, get_entry
 
 __all__ = [
     "ConversionResult",
@@ -80,7 +80,7 @@ def pretrained_weights(name: str, *, revision: str = "main", log: Optional[Calla
     """The converted MLX directory of a registered name's Hub weights (``timm/<tag>`` accepted).
 
     The one route to the Hub for the library and the commands
-    (:func:`mlx_evit.hub.pretrained_dir`: downloaded once, cached converted).
+    (:func:`mlx_evit.loading.hub.pretrained_dir`: downloaded once, cached converted).
     """
     return pretrained_dir(hub_name(name) or name, revision=revision, log=log)
 
@@ -116,7 +116,7 @@ def load(
     then detected and converted in memory, or a registered pretrained name
     (``"efficientvit_b1.r224_in1k"``, also as ``"timm/efficientvit_b1.r224_in1k"``)
     that is not a local path: its timm weights are fetched from the Hugging
-    Face Hub and cached converted (:func:`mlx_evit.hub.pretrained_dir`).
+    Face Hub and cached converted (:func:`mlx_evit.loading.hub.pretrained_dir`).
     ``dtype``: ``"float32"``, ``"float16"`` or ``"bfloat16"`` (default: the
     directory's dtype, float32 for checkpoints); attention cores run in
     float32 regardless. ``fuse``: fold every BatchNorm into its convolution,

@@ -1,4 +1,4 @@
-"""mlx_evit._blas: MLX's GEMMs on a fast, checked BLAS whatever the import order (issue 13, item 8).
+"""mlx_evit.ops.blas: MLX's GEMMs on a fast, checked BLAS whatever the import order (issue 13, item 8).
 
 Each case runs in a fresh process (the binding is per process). Cases for a
 library that this machine lacks (the system OpenBLAS, the scipy-openblas32
@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from mlx_evit import _blas
+from mlx_evit.ops import blas as _blas
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MLX uses Accelerate on macOS")
 
@@ -26,7 +26,7 @@ with warnings.catch_warnings(record=True) as caught:
     if sys.argv[2] == "mlx-first":
         import mlx.core
     import mlx_evit
-    from mlx_evit import _blas
+    from mlx_evit.ops import blas as _blas
 import mlx.core as mx
 import numpy as np
 rng = np.random.default_rng(0)
@@ -37,7 +37,7 @@ k = mx.array(rng.standard_normal((32, 3, 3, 24)).astype(np.float32))
 np.save(sys.argv[1] + "_mm.npy", np.array(a @ w))
 np.save(sys.argv[1] + "_conv.npy", np.array(mx.conv2d(x, k, stride=2, padding=1)))
 st = _blas.info()
-from mlx_evit.inference import _OpenBLASThreads
+from mlx_evit.tasks.inference import _OpenBLASThreads
 threads = _OpenBLASThreads.open()
 print(json.dumps({
     "route": st.route, "library": st.library, "prefix": st.prefix, "core": st.core,
@@ -143,7 +143,7 @@ def test_no_fast_library_warns_once_with_the_fix(tmp_path, reference, order):
 FAILING_CHECK = r"""
 import warnings, json
 import mlx_evit
-from mlx_evit import _blas
+from mlx_evit.ops import blas as _blas
 before = _blas._bound(_blas._MLXSlots())
 _blas._STATE = None
 _blas.gemm_check = lambda lib, sizes=None: "sgemm is off by 1e+00 (relative)"  # a library that computes wrongly

@@ -1,6 +1,6 @@
 """The torch-free checkpoint reader: exact round trips, and hostile files refused.
 
-torch writes the files here (tests only); ``mlx_evit.checkpoint`` reads them
+torch writes the files here (tests only); ``mlx_evit.loading.checkpoint`` reads them
 with numpy and the standard library. Malicious pickles carry live payloads
 (each is shown to fire under plain ``pickle.loads``) that would create a
 marker file; the reader must refuse them, name the global, and leave no
@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 import synthetic
-from mlx_evit.checkpoint import CheckpointError, read_checkpoint, read_state_dict
+from mlx_evit.loading.checkpoint import CheckpointError, read_checkpoint, read_state_dict
 
 torch.set_num_threads(2)
 
@@ -520,7 +520,7 @@ def test_reads_with_torch_unavailable(tmp_path):
     torch.save({"model": {"w": torch.arange(6.0).view(2, 3).t()}}, tmp_path / "w.pth")
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "from mlx_evit.checkpoint import read_state_dict\n"
+        "from mlx_evit.loading.checkpoint import read_state_dict\n"
         f"w = read_state_dict({str(tmp_path / 'w.pth')!r})['w']\n"
         "print(w.tolist())"
     )

@@ -26,9 +26,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mlx_evit.classify import CSV_COLUMNS, Classifier, ClassifierError, expand_inputs, main
-from mlx_evit.convert import convert
-from mlx_evit.labels import imagenet_labels
+from mlx_evit.classify import Classifier, ClassifierError, expand_inputs
+from mlx_evit.cli.classify import CSV_COLUMNS, main
+from mlx_evit import convert
+from mlx_evit.tasks.labels import imagenet_labels
 from reference_models import PHOTOS, PHOTOS_DIR, peaked_timm_model, save_timm_folder, timm_probs
 
 torch.set_num_threads(2)
@@ -238,7 +239,7 @@ def test_labels_file_for_a_fine_tuned_model(ten_class, capsys, tmp_path):
 
 
 def test_labels_from_the_model_config_or_generic(ten_class, capsys, tmp_path):
-    from mlx_evit.convert import load, save_model
+    from mlx_evit import load, save_model
 
     weights, expected = ten_class
     top = int(np.argmax(expected[0]))

@@ -37,10 +37,14 @@ from torch_utils import randomize_, torch_forward  # noqa: E402
 import synthetic  # noqa: E402
 
 from mlx_evit import convert, create_model, load, save_model
-from mlx_evit.checkpoint import CheckpointError, read_checkpoint
-from mlx_evit.weights import CheckpointMismatchError
-from mlx_evit.convert import ConversionError, cast_model, detect_model, is_model_dir, main
-from mlx_evit.registry import build_model, list_models
+from mlx_evit.loading.checkpoint import CheckpointError, read_checkpoint
+from mlx_evit.models.keymap import CheckpointMismatchError
+from mlx_evit.errors import ConversionError
+from mlx_evit.ops.dtypes import cast_model
+from mlx_evit.loading.identify import detect_model
+from mlx_evit.loading.model_dir import is_model_dir
+from mlx_evit.cli.convert import main
+from mlx_evit.models.registry import build_model, list_models
 from mlx.utils import tree_flatten
 
 torch.set_num_threads(2)

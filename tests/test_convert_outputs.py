@@ -11,7 +11,11 @@ from pathlib import Path
 import mlx_evit
 import pytest
 
-from mlx_evit.convert import ConversionError, convert, main
+from mlx_evit.errors import ConversionError
+
+from mlx_evit import convert
+
+from mlx_evit.cli.convert import main
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ import pytest
 from PIL import Image
 
 import mlx_evit  # before mlx.core
-from mlx_evit.distributed import EXIT_RANK_FAILED
+from mlx_evit.tasks.distributed import EXIT_RANK_FAILED
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -105,7 +105,7 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 WRAPPER = textwrap.dedent("""
     import os, sys, threading, time
     import mlx_evit
-    import mlx_evit.classifier as loading  # evaluation's loader threads read files through it
+    import mlx_evit.tasks.classifier as loading  # evaluation's loader threads read files through it
     how, nth, rank, *rest = sys.argv[1:]
     if os.environ.get("MLX_RANK") == rank:
         original, calls, lock = loading.load_image, [0], threading.Lock()
@@ -187,7 +187,7 @@ def test_a_dying_rank_fails_the_run_before_anything_is_written(model_dir, images
     # Under the launcher: rank 1 dies loading its third batch; rank 0 says why it stops, nothing is written.
     proc = launch(args)
     assert "Node with rank 1 exited with code 9" in proc.stderr
-    assert "mlx_evit.evaluate: rank 0: error:" in proc.stderr and "nothing written" in proc.stderr
+    assert "mlx_evit.tasks.evaluation: rank 0: error:" in proc.stderr and "nothing written" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
     # Without it, rank 0's own exit status says so too.
     rank0, rank1 = ranks_directly(args, tmp_path)

@@ -1,4 +1,4 @@
-"""python -m mlx_evit.evaluate and mlx_evit.evaluate, on one process.
+"""python -m mlx_evit.evaluate and mlx_evit.tasks.evaluation, on one process.
 
 The accuracy figures are checked on held-out digits (examples/make_digits.py)
 with a seed model fine-tuned on them (examples/finetune.py): the test
@@ -23,10 +23,10 @@ import pytest
 from PIL import Image
 
 import mlx_evit  # before mlx.core
-from mlx_evit.evaluate import (Dataset, Evaluation, EvaluationError, find_dataset, map_classes,
+from mlx_evit.tasks.evaluation import (Dataset, Evaluation, EvaluationError, find_dataset, map_classes,
                                read_class_map)
-from mlx_evit.labels import Label, imagenet_labels
-from mlx_evit.preprocess import eval_transform
+from mlx_evit.tasks.labels import Label, imagenet_labels
+from mlx_evit.tasks.preprocess import eval_transform
 
 import mlx.core as mx
 

@@ -28,8 +28,8 @@ from PIL import Image
 
 import mlx_evit  # before mlx.core
 from mlx_evit.classify import Classifier
-from mlx_evit.labels import imagenet_labels
-from mlx_evit.preprocess import eval_transform, load_image
+from mlx_evit.tasks.labels import imagenet_labels
+from mlx_evit.tasks.preprocess import eval_transform, load_image
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -351,7 +351,7 @@ def test_readme_cpp_program_runs_the_exported_model(demo, tmp_path):
     # The reference logits come from a fresh Python process, whose BLAS is known (mlx_evit preloads the
     # system OpenBLAS on Linux; this test process may have imported mlx or torch first), and the C++
     # program runs with that same BLAS, so that the results must be identical.
-    reference = ("import sys, numpy as np, mlx_evit, mlx_evit._blas as b, mlx.core as mx\n"
+    reference = ("import sys, numpy as np, mlx_evit, mlx_evit.ops.blas as b, mlx.core as mx\n"
                  "np.save('expected.npy', np.array(mlx_evit.load(sys.argv[1])(mx.array(np.load('images.npy')))))\n"
                  "print(b.LOADED or '', b.info().core or '')")
     blas, _, core = run(["-c", reference, str(cwd / "digits_model")], cwd=tmp_path).stdout.strip().partition(" ")

@@ -1,4 +1,4 @@
-"""The optimised inference path (mlx_evit.inference) and the fast elementwise math it relies on.
+"""The optimised inference path (mlx_evit.tasks.inference) and the fast elementwise math it relies on.
 
 * ``prepare(model)`` (BatchNorm folding, ``mx.compile`` with the state as an
   input, CPU batch split over streams) must compute what the eager, unfused
@@ -6,8 +6,8 @@
 * Half precision and quantization: size and logit deviation against float32
   stay within tolerances measured on these models (about 3x the largest
   deviation seen over several seeds).
-* The CPU polynomials in mlx_evit.cpu_kernels (exp, softmax, sigmoid, normal
-  CDF and the activations built on them) and both paths of mlx_evit.layers
+* The CPU polynomials in mlx_evit.ops.cpu_kernels (exp, softmax, sigmoid, normal
+  CDF and the activations built on them) and both paths of mlx_evit.ops.layers
   (MLX_EVIT_KERNELS=native|cpu) against float64 references.
 """
 
@@ -19,10 +19,11 @@ import os
 import numpy as np
 import pytest
 
-from mlx_evit import backend, cpu_kernels, inference, layers
-from mlx_evit.inference import Predictor, parameter_bytes, prepare
-from mlx_evit.registry import build_model
-from mlx_evit.weights import load_state_dict
+from mlx_evit.ops import backend, cpu_kernels, layers
+from mlx_evit.tasks import inference
+from mlx_evit.tasks.inference import Predictor, parameter_bytes, prepare
+from mlx_evit.models.registry import build_model
+from mlx_evit.models.keymap import load_state_dict
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -346,7 +347,7 @@ def test_default_dtype_is_the_models_own():
 
 
 # ---------------------------------------------------------------------------
-# Fast elementwise math (the CPU forms in mlx_evit.layers)
+# Fast elementwise math (the CPU forms in mlx_evit.ops.layers)
 # ---------------------------------------------------------------------------
 
 _X = np.concatenate([

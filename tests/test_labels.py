@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_evit.labels import Label, LabelFileError, imagenet_labels, read_labels
+from mlx_evit.tasks.labels import Label, LabelFileError, imagenet_labels, read_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 

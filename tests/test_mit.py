@@ -1,4 +1,4 @@
-"""Parity of MIT EfficientViT B0-B3 / L1-L3 (mlx_evit.mit) with timm and the original code.
+"""Parity of MIT EfficientViT B0-B3 / L1-L3 (mlx_evit.models.mit) with timm and the original code.
 
 References nobody here wrote: timm 1.0.31's ``efficientvit_mit.py`` (run in
 the test with random weights and randomized BatchNorm statistics), and the
@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from mlx_evit import create_model, get_pretrained_cfg, list_models
-from mlx_evit.layers import ConvNorm
-from mlx_evit.mit import ORIGINAL_LARGE_LAYOUT, ORIGINAL_LAYOUT, TIMM_LAYOUT, MitEfficientViT
-from mlx_evit.registry import build_model
-from mlx_evit.weights import CheckpointMismatchError, load_state_dict, select_layout
+from mlx_evit.ops.layers import ConvNorm
+from mlx_evit.models.mit import ORIGINAL_LARGE_LAYOUT, ORIGINAL_LAYOUT, TIMM_LAYOUT, MitEfficientViT
+from mlx_evit.models.registry import build_model
+from mlx_evit.models.keymap import CheckpointMismatchError, load_state_dict, select_layout
 
 import mlx.core as mx
 import mlx.nn as nn

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 
 from mlx_evit import create_model, get_pretrained_cfg, list_models
-from mlx_evit.msra import (
+from mlx_evit.models.msra import (
     ORIGINAL_LAYOUT,
     TIMM_LAYOUT,
     CascadedGroupAttention,
     attention_resolutions,
     resize_bias_table,
 )
-from mlx_evit.registry import build_model
-from mlx_evit.weights import CheckpointMismatchError, load_state_dict
+from mlx_evit.models.registry import build_model
+from mlx_evit.models.keymap import CheckpointMismatchError, load_state_dict
 from mlx.utils import tree_flatten
 import mlx.core as mx
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import mlx_evit
-from mlx_evit.preprocess import (
+from mlx_evit.tasks.preprocess import (
     CROP_MODES,
     EvalTransform,
     ImageLoadError,
@@ -22,7 +22,7 @@ from mlx_evit.preprocess import (
     preprocess_batch,
     to_rgb,
 )
-from mlx_evit.registry import get_pretrained_cfg
+from mlx_evit.models.registry import get_pretrained_cfg
 
 torch = pytest.importorskip("torch")
 timm_data = pytest.importorskip("timm.data")
@@ -261,7 +261,7 @@ def test_batch_stacks_single_images(odd_images):
 
 def test_transform_from_pretrained_cfg_and_model_dict():
     """A PretrainedCfg, its dict and a timm data config give the same transform."""
-    cfg = mlx_evit.registry.PretrainedCfg(tag="x", input_size=(3, 288, 288), crop_pct=1.0)
+    cfg = mlx_evit.models.registry.PretrainedCfg(tag="x", input_size=(3, 288, 288), crop_pct=1.0)
     transform = eval_transform(cfg)
     assert transform == eval_transform(cfg.to_dict())
     assert transform == eval_transform(timm_data.resolve_data_config(pretrained_cfg=cfg.to_dict()))

@@ -14,9 +14,9 @@ import pytest
 
 import mlx.core as mx
 
-from mlx_evit.registry import build_model
+from mlx_evit.models.registry import build_model
 from mlx_evit.sam import SamPredictor
-from mlx_evit.sam.amg import (
+from mlx_evit.tasks.mask_generator import (
     SamAutomaticMaskGenerator,
     box_nms,
     build_all_layer_point_grids,
@@ -28,7 +28,7 @@ from mlx_evit.sam.amg import (
     rle_to_mask,
     stability_score,
 )
-from mlx_evit.sam.predictor import preprocess_shape
+from mlx_evit.tasks.sam_predictor import preprocess_shape
 
 torch = pytest.importorskip("torch")
 amg = pytest.importorskip("segment_anything.utils.amg")

@@ -21,9 +21,9 @@ import mlx_evit
 import mlx.core as mx
 
 import synthetic
-from mlx_evit.registry import build_model
+from mlx_evit.models.registry import build_model
 from mlx_evit.sam import EfficientViTSam, SamPredictor
-from mlx_evit.weights import load_state_dict
+from mlx_evit.models.keymap import load_state_dict
 
 torch = pytest.importorskip("torch")
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
@@ -75,7 +75,7 @@ def test_original_pt_loads_with_detection(l0_files, l0_state, name):
 
 def test_convert_cli_round_trip(l0_files, l0_state, tmp_path):
     out = tmp_path / "l0_mlx"
-    r = run("-m", "mlx_evit.convert", str(l0_files / "wrapped.pt"), str(out))
+    r = run("-m", "mlx_evit", "convert", str(l0_files / "wrapped.pt"), str(out))
     assert r.returncode == 0, r.stderr
     assert "efficientvit_sam_l0" in r.stdout + r.stderr
     net = mlx_evit.load(out, fuse=False)
@@ -87,7 +87,7 @@ def test_convert_cli_round_trip(l0_files, l0_state, tmp_path):
     ours = dict(tree_flatten(net.parameters()))
     for k, v in tree_flatten(ref.parameters()):
         np.testing.assert_array_equal(np.asarray(ours[k]), np.asarray(v), err_msg=k)
-    assert not run("-m", "mlx_evit.convert", str(l0_files / "wrapped.pt"), str(out)).returncode == 0  # no --force
+    assert not run("-m", "mlx_evit", "convert", str(l0_files / "wrapped.pt"), str(out)).returncode == 0  # no --force
 
 
 # ---------------------------------------------------------------------------

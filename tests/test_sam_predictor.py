@@ -15,10 +15,10 @@ from PIL import Image
 import mlx.core as mx
 
 import synthetic
-from mlx_evit.registry import build_model
+from mlx_evit.models.registry import build_model
 from mlx_evit.sam import SamPredictor
-from mlx_evit.sam.predictor import preprocess_image
-from mlx_evit.weights import KeyMap, load_state_dict
+from mlx_evit.tasks.sam_predictor import preprocess_image
+from mlx_evit.models.keymap import KeyMap, load_state_dict
 
 
 def rel(a, ref) -> float:

@@ -1,4 +1,4 @@
-"""Tests of the seed model (mlx_evit.seed): shapes, the attention maths, the
+"""Tests of the seed model (mlx_evit.models.seed): shapes, the attention maths, the
 cascade, linear memory, training, weight round-trips and option validation.
 
 The numerical references below are written independently in numpy float64:
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from mlx_evit import EfficientViT, create_model, get_pretrained_cfg, list_models, output_size
-from mlx_evit.layers import elu_plus_one, linear_attention
-from mlx_evit.seed import ATTN_EPS, CascadedGroupLinearAttention
+from mlx_evit.ops.layers import elu_plus_one, linear_attention
+from mlx_evit.models.seed import ATTN_EPS, CascadedGroupLinearAttention
 
 import mlx.core as mx
 import mlx.nn as nn

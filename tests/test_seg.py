@@ -8,10 +8,10 @@ from mlx.utils import tree_flatten
 
 import synthetic
 from mlx_evit import resize
-from mlx_evit.registry import build_model, list_models
-from mlx_evit.resize import resize_argmax
-from mlx_evit.seg import MODELS, ORIGINAL_SEG_LARGE_LAYOUT, ORIGINAL_SEG_LAYOUT, EfficientViTSeg
-from mlx_evit.weights import CheckpointMismatchError, load_state_dict
+from mlx_evit.models.registry import build_model, list_models
+from mlx_evit.ops.resampling import resize_argmax
+from mlx_evit.models.seg_model import MODELS, ORIGINAL_SEG_LARGE_LAYOUT, ORIGINAL_SEG_LAYOUT, EfficientViTSeg
+from mlx_evit.models.keymap import CheckpointMismatchError, load_state_dict
 
 SEG_NAMES = [e.name for e in MODELS]
 
@@ -111,7 +111,7 @@ def test_fixture_parity(fixture, fuse, shapes, monkeypatch):
     """Stage maps, stride-8 logits, bicubic-resized corners and the full-size argmax of the original code."""
     name, shape, out_size = FIXTURES[fixture]
     if fuse:  # high-resolution blocks in bands of rows (at 1024x2048 by default; here at every size)
-        monkeypatch.setattr("mlx_evit.seg.BAND_ELEMENTS", 1 << 15)
+        monkeypatch.setattr("mlx_evit.models.seg_model.BAND_ELEMENTS", 1 << 15)
     ref = synthetic.fixture(fixture)
     x = synthetic.synthetic_normal(f"input/{fixture}/x", shape)
     assert synthetic.crc32(x) == int(ref["input_crc32"])
@@ -160,7 +160,7 @@ def test_headless_build_returns_the_classifier_features():
 @pytest.mark.parity
 def test_half_precision_argmax_agrees(shapes):
     """float16 / bfloat16 weights and activations (attention and resizes in float32): label agreement."""
-    from mlx_evit.convert import cast_model
+    from mlx_evit.ops.dtypes import cast_model
 
     ref = synthetic.fixture("seg_b0_city_128x128")
     x = mx.array(synthetic.nhwc(synthetic.synthetic_normal("input/seg_b0_city_128x128/x", (1, 3, 128, 128))))
@@ -175,7 +175,7 @@ def test_half_precision_argmax_agrees(shapes):
 
 
 def test_layouts_are_told_apart_from_classification_checkpoints():
-    from mlx_evit.mit import ORIGINAL_LAYOUT
+    from mlx_evit.models.mit import ORIGINAL_LAYOUT
 
     cls_keys = list(synthetic.keys_file("mit_b0_cls_keys.json"))
     assert ORIGINAL_SEG_LAYOUT.matches(cls_keys) == 0 and ORIGINAL_SEG_LARGE_LAYOUT.matches(cls_keys) == 0
@@ -187,9 +187,9 @@ def test_layouts_are_told_apart_from_classification_checkpoints():
 @pytest.mark.parametrize("height", [37, 64])
 def test_banded_blocks_equal_the_whole_computation(kind, stride, height):
     """High-resolution blocks run in bands of rows with halos; the result is the whole block's."""
-    from mlx_evit.layers import hardswish
-    from mlx_evit.mit import DSConv, FusedMBConv, MBConv, ResBlock, Residual
-    from mlx_evit.seg import run_banded
+    from mlx_evit.ops.layers import hardswish
+    from mlx_evit.models.mit import DSConv, FusedMBConv, MBConv, ResBlock, Residual
+    from mlx_evit.models.seg_model import run_banded
 
     mx.random.seed(0)
     block = {

@@ -12,7 +12,7 @@ import mlx.core as mx
 
 import mlx_evit
 import synthetic
-from mlx_evit.convert import main as convert_main
+from mlx_evit.cli.convert import main as convert_main
 
 FIXTURE = "seg_b0_city_128x128"
 B0 = "efficientvit_seg_b0_cityscapes"
@@ -80,7 +80,7 @@ def test_load_reads_bare_and_wrapped_files_directly(b0_pt, tmp_path):
 
 
 def test_every_variant_is_detected_from_its_keys(tmp_path):
-    from mlx_evit.convert import detect_model
+    from mlx_evit.loading.identify import detect_model
 
     shapes = synthetic.all_shapes()
     for name in ("efficientvit-seg-b1-ade20k", "efficientvit-seg-b1-cityscapes", "efficientvit-seg-l2-cityscapes",
@@ -150,7 +150,7 @@ def test_hub_download_of_the_released_file(tmp_path, monkeypatch, b0_pt):
     from huggingface_hub import constants
 
     from fake_hub import FakeHub
-    from mlx_evit.hub import CACHE_ENV, HubError, pretrained_dir
+    from mlx_evit.loading.hub import CACHE_ENV, HubError, pretrained_dir
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)

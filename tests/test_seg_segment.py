@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx_evit
 import synthetic
 from mlx_evit.cli.segment import label_file_for, main, output_names
-from mlx_evit.segment import (IGNORE, IoUMeter, Segmenter, SegmenterError, cv2_resize_cubic, get_dataset,
+from mlx_evit.tasks.segmenter import (IGNORE, IoUMeter, Segmenter, SegmenterError, cv2_resize_cubic, get_dataset,
                               input_size_for)
 
 B0 = "efficientvit-seg-b0-cityscapes"
@@ -63,7 +63,7 @@ def test_segmenter_takes_pil_or_arrays_and_returns_image_sized_labels(segmenter)
     x = (x - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
     logits = segmenter.model(mx.array(x[None]))
     np.testing.assert_allclose(result.logits, np.asarray(logits[0]), atol=2e-4)
-    full = np.asarray(mlx_evit.resize(logits, (45, 70)))[0]
+    full = np.asarray(mlx_evit.ops.resampling(logits, (45, 70)))[0]
     assert (full.argmax(-1) != result.labels).mean() < 1e-3
     np.testing.assert_allclose(result.resized_logits(), full, atol=2e-4)
     fractions = result.class_fractions()

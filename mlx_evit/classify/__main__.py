@@ -2,7 +2,7 @@
 
 import sys
 
-from ..cli.classify import main
+from mlx_evit.cli.classify import main
 
 if __name__ == "__main__":
     sys.exit(main())

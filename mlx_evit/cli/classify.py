@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any, Callable, Optional, Sequence, TextIO
 
-from ..classifier import (
+from mlx_evit.tasks.classifier import (
     DEFAULT_MODEL,
     Classification,
     Classifier,
@@ -23,10 +23,10 @@ from ..classifier import (
     ImageFailure,
     expand_inputs,
 )
-from ..dtypes import DTYPE_NAMES
-from ..errors import HubError
-from ..outputs import OutputError, check_output_file
-from .common import (
+from mlx_evit.ops.dtypes import DTYPE_NAMES
+from mlx_evit.errors import HubError
+from mlx_evit.outputs import OutputError, check_output_file
+from mlx_evit.cli.common import (
     DEBUG_ENV,
     EXIT_FAILED,
     EXIT_INTERNAL,

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Callable
 
-from ..errors import one_line
+from mlx_evit.errors import one_line
 
 __all__ = [
     "EXIT_OK",

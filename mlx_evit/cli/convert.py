@@ -10,9 +10,9 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
-from ..api import convert
-from ..dtypes import DTYPE_NAMES
-from ..errors import CheckpointError, CheckpointMismatchError, ConversionError, describe_error, one_line
+from mlx_evit.api import convert
+from mlx_evit.ops.dtypes import DTYPE_NAMES
+from mlx_evit.errors import CheckpointError, CheckpointMismatchError, ConversionError, describe_error, one_line
 
 __all__ = ["main", "build_parser"]
 

@@ -2,7 +2,7 @@
 
 Alone, or under ``mlx.launch -n N`` (any ``mx.distributed`` backend): the
 files are sharded across the ranks, rank 0 gathers the results (identical to
-one process) and writes the outputs. The library is :mod:`mlx_evit.evaluate`.
+one process) and writes the outputs. The library is :mod:`mlx_evit.tasks.evaluation`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import sys
 import time
 from typing import Callable, Optional, Sequence, TextIO
 
-from ..dtypes import DTYPE_NAMES
-from .common import EXIT_FAILED as EXIT_IMAGES_FAILED
-from .common import EXIT_OK, EXIT_USAGE, guarded, positive_int
+from mlx_evit.ops.dtypes import DTYPE_NAMES
+from mlx_evit.cli.common import EXIT_FAILED as EXIT_IMAGES_FAILED
+from mlx_evit.cli.common import EXIT_OK, EXIT_USAGE, guarded, positive_int
 
 __all__ = ["main", "build_parser"]
 
@@ -71,8 +71,8 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..classify import DEFAULT_MODEL
-    from ..distributed import DEFAULT_TIMEOUT
+    from mlx_evit.classify import DEFAULT_MODEL
+    from mlx_evit.tasks.distributed import DEFAULT_TIMEOUT
 
     p = argparse.ArgumentParser(prog=PROG, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Evaluate a classifier on a labelled image folder (one subfolder per "
@@ -131,7 +131,7 @@ class _Progress:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m mlx_evit.evaluate``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    from ..distributed import EXIT_RANK_FAILED, RankFailure, Ranks
+    from mlx_evit.tasks.distributed import EXIT_RANK_FAILED, RankFailure, Ranks
 
     try:
         ranks = Ranks(timeout=args.rank_timeout, prog=PROG)
@@ -155,11 +155,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(args: argparse.Namespace, ranks, error: Callable[[str], None]) -> int:
-    from ..classify import Classifier, ClassifierError
-    from ..evaluate import EvaluationError, ImageFailed, check_output, evaluate, find_dataset, map_classes, read_class_map
-    from ..distributed import RankFailure
-    from ..hub import HubError
-    from ..outputs import OutputError
+    from mlx_evit.classify import Classifier, ClassifierError
+    from mlx_evit.tasks.evaluation import EvaluationError, ImageFailed, check_output, evaluate, find_dataset, map_classes, read_class_map
+    from mlx_evit.tasks.distributed import RankFailure
+    from mlx_evit.loading.hub import HubError
+    from mlx_evit.outputs import OutputError
 
     leader = ranks.rank == 0
     quiet = args.quiet

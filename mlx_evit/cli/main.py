@@ -14,10 +14,10 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-from ..errors import one_line
-from ..registry import get_entry, list_models, split_name
-from ..version import __version__
-from ..weights import param_shapes
+from mlx_evit.errors import one_line
+from mlx_evit.models.registry import get_entry, list_models, split_name
+from mlx_evit.version import __version__
+from mlx_evit.models.keymap import param_shapes
 
 __all__ = ["COMMANDS", "main", "build_parser"]
 

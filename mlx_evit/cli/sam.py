@@ -17,12 +17,12 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from ..dtypes import DTYPE_NAMES as DTYPES
-from ..errors import one_line
-from .common import EXIT_FAILED as EXIT_IMAGE_FAILED
-from .common import unit_fraction as _fraction
-from .common import EXIT_OK, EXIT_USAGE, guarded
-from .common import positive_int as _positive
+from mlx_evit.ops.dtypes import DTYPE_NAMES as DTYPES
+from mlx_evit.errors import one_line
+from mlx_evit.cli.common import EXIT_FAILED as EXIT_IMAGE_FAILED
+from mlx_evit.cli.common import unit_fraction as _fraction
+from mlx_evit.cli.common import EXIT_OK, EXIT_USAGE, guarded
+from mlx_evit.cli.common import positive_int as _positive
 
 __all__ = ["main", "build_parser", "parse_point", "parse_box"]
 
@@ -143,10 +143,10 @@ def _log(args: argparse.Namespace) -> Callable[[str], None]:
 
 
 def _load_model(args: argparse.Namespace, error: Callable[[str], None]):
-    from .. import load
-    from ..hub import HubError
-    from ..registry import get_entry
-    from ..sam import EfficientViTSam
+    from mlx_evit import load
+    from mlx_evit.loading.hub import HubError
+    from mlx_evit.models.registry import get_entry
+    from mlx_evit.sam import EfficientViTSam
 
     name = args.model or (None if args.weights else DEFAULT_MODEL)
     if name is not None:
@@ -161,7 +161,7 @@ def _load_model(args: argparse.Namespace, error: Callable[[str], None]):
     source = args.weights
     try:
         if source is None:
-            from ..api import pretrained_weights
+            from mlx_evit.api import pretrained_weights
 
             source = pretrained_weights(name, log=_log(args))
         net = load(source, dtype=args.dtype, model=name)
@@ -217,8 +217,8 @@ def _box_xyxy(mask: np.ndarray) -> Optional[list[int]]:
 
 
 def _run(args: argparse.Namespace, error: Callable[[str], None]) -> int:
-    from ..outputs import OutputError, check_output_dir
-    from ..preprocess import ImageLoadError, load_image
+    from mlx_evit.outputs import OutputError, check_output_dir
+    from mlx_evit.tasks.preprocess import ImageLoadError, load_image
 
     if args.everything and (args.point or args.box):
         error("--everything takes no --point or --box prompts")
@@ -250,7 +250,7 @@ def _run(args: argparse.Namespace, error: Callable[[str], None]) -> int:
     net = _load_model(args, error)
     if net is None:
         return EXIT_USAGE
-    from ..sam import SamAutomaticMaskGenerator, SamPredictor
+    from mlx_evit.sam import SamAutomaticMaskGenerator, SamPredictor
 
     log = _log(args)
     predictor = SamPredictor(net)

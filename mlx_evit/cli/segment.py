@@ -1,6 +1,6 @@
 """``python -m mlx_evit.segment``: segment images, or evaluate mIoU on a labelled set (EfficientViT-Seg).
 
-The library is :mod:`mlx_evit.segment` (:class:`~mlx_evit.segment.Segmenter`).
+The library is :mod:`mlx_evit.tasks.segmenter` (:class:`~mlx_evit.tasks.segmenter.Segmenter`).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Any, Callable, Optional, Sequence, TextIO
 
 import numpy as np
 
-from ..dtypes import DTYPE_NAMES
-from .common import EXIT_FAILED as EXIT_IMAGES_FAILED
-from .common import unit_fraction as _alpha
-from .common import EXIT_OK, EXIT_USAGE, error_printer, guarded
+from mlx_evit.ops.dtypes import DTYPE_NAMES
+from mlx_evit.cli.common import EXIT_FAILED as EXIT_IMAGES_FAILED
+from mlx_evit.cli.common import unit_fraction as _alpha
+from mlx_evit.cli.common import EXIT_OK, EXIT_USAGE, error_printer, guarded
 
 __all__ = ["main", "build_parser", "label_file_for"]
 
@@ -203,8 +203,8 @@ def _run_inputs(files: Sequence[str], args: argparse.Namespace) -> list[str]:
 
 
 def _load(args: argparse.Namespace, error: Callable[[str], None]):
-    from ..hub import HubError
-    from ..segment import Segmenter, SegmenterError
+    from mlx_evit.loading.hub import HubError
+    from mlx_evit.tasks.segmenter import Segmenter, SegmenterError
 
     if args.quiet:
         from huggingface_hub.utils import disable_progress_bars
@@ -224,9 +224,9 @@ def _load(args: argparse.Namespace, error: Callable[[str], None]):
 
 
 def _segment(args: argparse.Namespace, error: Callable[[str], None]) -> int:
-    from ..classify import expand_inputs
-    from ..outputs import OutputError, check_output_dir
-    from ..preprocess import ImageLoadError, load_image
+    from mlx_evit.classify import expand_inputs
+    from mlx_evit.outputs import OutputError, check_output_dir
+    from mlx_evit.tasks.preprocess import ImageLoadError, load_image
 
     if args.labels_dir or args.output:
         error("--labels-dir and --output belong to --eval")
@@ -290,8 +290,8 @@ def _segment(args: argparse.Namespace, error: Callable[[str], None]) -> int:
 
 
 def _evaluate(args: argparse.Namespace, error: Callable[[str], None]) -> int:
-    from ..classify import IMAGE_EXTENSIONS
-    from ..outputs import OutputError, check_output_file
+    from mlx_evit.classify import IMAGE_EXTENSIONS
+    from mlx_evit.outputs import OutputError, check_output_file
 
     if args.inputs:
         error("--eval takes the images folder; give no other inputs")

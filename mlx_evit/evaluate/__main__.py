@@ -2,7 +2,7 @@
 
 import sys
 
-from ..cli.evaluate import main
+from mlx_evit.cli.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,13 +1,12 @@
-"""EfficientViT-SAM: promptable segmentation (L0-L2 at 512, XL0/XL1 at 1024) in MLX.
+"""``python -m mlx_evit.sam`` (the command: :mod:`mlx_evit.cli.sam`), and EfficientViT-SAM's names.
 
-``SamPredictor(mlx_evit.load(...))`` encodes an image once and decodes any
-number of point/box/mask prompts; ``SamAutomaticMaskGenerator`` segments
-everything from a point grid. The models live in :mod:`mlx_evit.sam.model`.
+The model is :mod:`mlx_evit.models.sam_model`; the task objects are
+:mod:`mlx_evit.tasks.sam_predictor` and :mod:`mlx_evit.tasks.mask_generator`.
 """
 
-from .model import MODELS, EfficientViTSam, MaskDecoder, PromptEncoder, SamImageEncoder
-from .amg import SamAutomaticMaskGenerator
-from .predictor import SamPredictor
+from mlx_evit.models.sam_model import MODELS, EfficientViTSam, MaskDecoder, PromptEncoder, SamImageEncoder
+from mlx_evit.tasks.mask_generator import SamAutomaticMaskGenerator
+from mlx_evit.tasks.sam_predictor import SamPredictor
 
 __all__ = ["MODELS", "EfficientViTSam", "SamImageEncoder", "PromptEncoder", "MaskDecoder", "SamPredictor",
            "SamAutomaticMaskGenerator"]

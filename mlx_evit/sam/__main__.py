@@ -2,7 +2,7 @@
 
 import sys
 
-from ..cli.sam import main
+from mlx_evit.cli.sam import main
 
 if __name__ == "__main__":
     sys.exit(main())

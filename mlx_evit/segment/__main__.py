@@ -2,7 +2,7 @@
 
 import sys
 
-from ..cli.segment import main
+from mlx_evit.cli.segment import main
 
 if __name__ == "__main__":
     sys.exit(main())

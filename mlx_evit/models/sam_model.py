@@ -14,7 +14,7 @@ key layout, which is declared beside them.
 
 MLX parameter paths are the original state-dict keys (``image_encoder.backbone.stages.0.op_list.0.conv.weight``,
 ``mask_decoder.transformer.layers.0.self_attn.q_proj.weight``), so the released ``.pt`` files load through one
-:class:`~mlx_evit.weights.KeyMap` (:data:`ORIGINAL_LAYOUT`) without renaming.
+:class:`~mlx_evit.models.keymap.KeyMap` (:data:`ORIGINAL_LAYOUT`) without renaming.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .. import layers as L
-from ..backend import use_native
-from ..layers import ConvNorm
-from ..mit import EfficientViTBlock, FusedMBConv, MBConv, ResBlock, Residual
-from ..metadata import Described
-from ..specs import ModelEntry, PretrainedCfg
-from ..weights import KeyMap
+from mlx_evit.ops import layers as L
+from mlx_evit.ops.backend import use_native
+from mlx_evit.ops.layers import ConvNorm
+from mlx_evit.models.mit import EfficientViTBlock, FusedMBConv, MBConv, ResBlock, Residual
+from mlx_evit.models.metadata import Described
+from mlx_evit.models.specs import ModelEntry, PretrainedCfg
+from mlx_evit.models.keymap import KeyMap
 
 __all__ = [
     "EfficientViTSam",
@@ -621,7 +621,7 @@ class SamPretrainedCfg(PretrainedCfg):
     """A released EfficientViT-SAM checkpoint: ``hf_filename`` in ``hf_hub_id`` (the original ``.pt``).
 
     Preprocessing: long side to ``input_size[1]`` (Pillow bilinear), SAM's
-    mean/std, zero padding to a square (see :mod:`mlx_evit.sam.predictor`).
+    mean/std, zero padding to a square (see :mod:`mlx_evit.tasks.sam_predictor`).
     """
 
     hf_filename: Optional[str] = None

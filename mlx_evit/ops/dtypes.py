@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .errors import ConversionError
+from mlx_evit.errors import ConversionError
 
 __all__ = ["DTYPES", "DTYPE_NAMES", "FLOAT32_LEAVES", "parse_dtype", "dtype_name", "cast_model", "model_dtype"]
 

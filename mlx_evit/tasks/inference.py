@@ -26,8 +26,8 @@ The compiled function takes the model's state as an explicit input
 :func:`prepare` are used, not stale copies. MLX retraces on every new input
 shape, dtype and default device, so one predictor serves several resolutions
 and follows ``mx.set_default_device``; the backend-specific formulations in
-:mod:`mlx_evit.layers` (native grouped convolutions on the GPU, shifted
-multiply-adds and batched matmuls on the CPU; see :mod:`mlx_evit.backend`)
+:mod:`mlx_evit.ops.layers` (native grouped convolutions on the GPU, shifted
+multiply-adds and batched matmuls on the CPU; see :mod:`mlx_evit.ops.backend`)
 are chosen at trace time.
 
 On the CPU backend two more things matter. Fusion needs a C++ compiler
@@ -38,7 +38,7 @@ be split across CPU streams (default: up to 2) that run concurrently; every
 image is computed exactly as it would be alone. Whether that pays depends on
 the model (GEMM-heavy ones gain nothing), so by default the first calls with
 a new input shape try both ways and the faster one is kept. While a
-split batch runs, the OpenBLAS that :mod:`mlx_evit._blas` loaded gets
+split batch runs, the OpenBLAS that :mod:`mlx_evit.ops.blas` loaded gets
 ``threads // streams`` threads (restored afterwards; the setting is
 process-wide), so streams and BLAS together use the cores once, and the
 result is evaluated before the call returns.
@@ -57,8 +57,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .backend import default_device_is_gpu
-from .dtypes import cast_model, model_dtype, parse_dtype
+from mlx_evit.ops.backend import default_device_is_gpu
+from mlx_evit.ops.dtypes import cast_model, model_dtype, parse_dtype
 
 __all__ = ["Predictor", "prepare", "quantizable", "parameter_bytes", "cpu_compile_available"]
 
@@ -247,7 +247,7 @@ class Predictor:
 
 
 class _OpenBLASThreads:
-    """Get/set the thread count of the OpenBLAS that :mod:`mlx_evit._blas` loaded for MLX."""
+    """Get/set the thread count of the OpenBLAS that :mod:`mlx_evit.ops.blas` loaded for MLX."""
 
     def __init__(self, lib: ctypes.CDLL, prefix: str = ""):
         self._get = getattr(lib, prefix + "openblas_get_num_threads")  # prefix: "scipy_" for scipy-openblas32
@@ -257,7 +257,7 @@ class _OpenBLASThreads:
 
     @classmethod
     def open(cls) -> Optional["_OpenBLASThreads"]:
-        from . import _blas
+        from mlx_evit.ops import blas as _blas
 
         if not _blas.LOADED:
             return None

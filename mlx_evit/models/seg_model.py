@@ -1,23 +1,23 @@
 """EfficientViT-Seg (Cai et al., ICCV 2023): semantic segmentation on the MIT B and L backbones, NHWC.
 
-The model is an MIT EfficientViT backbone (:mod:`mlx_evit.mit`, without its
+The model is an MIT EfficientViT backbone (:mod:`mlx_evit.models.mit`, without its
 classifier) and :class:`SegHead`, a small FPN-like head: the stride-32, 16
 and 8 maps are projected to ``head_width`` channels (1x1 conv + BN), the
-first two are upsampled bicubically (x4, x2; :func:`mlx_evit.resize.resize`,
+first two are upsampled bicubically (x4, x2; :func:`mlx_evit.ops.resampling.resize`,
 equal to PyTorch's ``interpolate``) and the three are summed; residual
 MBConv (B series) or FusedMBConv (L series) blocks follow, then an optional
 expansion (1x1 conv + BN + act) and a 1x1 classifier with bias.
 
 ``model(x)``: ``(B, H, W, 3)`` ImageNet-normalised images, ``H`` and ``W``
 multiples of 32 -> logits ``(B, H / 8, W / 8, num_classes)``. Resize them to
-the image size with :func:`mlx_evit.resize.resize` (bicubic, as the
-original evaluation) or use :class:`mlx_evit.segment.Segmenter`, which also
+the image size with :func:`mlx_evit.ops.resampling.resize` (bicubic, as the
+original evaluation) or use :class:`mlx_evit.tasks.segmenter.Segmenter`, which also
 does the dataset's preprocessing and the argmax.
 
 The original checkpoints (``efficientvit_seg_*.pt``) load through the
 declarative key tables :data:`ORIGINAL_SEG_LAYOUT` (B) and
 :data:`ORIGINAL_SEG_LARGE_LAYOUT` (L), which prefix the backbone tables of
-:mod:`mlx_evit.mit` with ``backbone.`` and rename the head:
+:mod:`mlx_evit.models.mit` with ``backbone.`` and rename the head:
 
 =========================================== ===================================
 original key                                MLX parameter path
@@ -37,13 +37,13 @@ from typing import Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from .layers import ConvNorm, check_image_input, fuse_modules, get_act
-from .mit import (ORIGINAL_LARGE_LAYOUT, ORIGINAL_LAYOUT, DSConv, FusedMBConv, MBConv, MitEfficientViT, ResBlock,
+from mlx_evit.ops.layers import ConvNorm, check_image_input, fuse_modules, get_act
+from mlx_evit.models.mit import (ORIGINAL_LARGE_LAYOUT, ORIGINAL_LAYOUT, DSConv, FusedMBConv, MBConv, MitEfficientViT, ResBlock,
                   Residual, Stem)
-from .metadata import Described
-from .specs import ModelEntry, PretrainedCfg
-from .resize import resize
-from .weights import KeyMap
+from mlx_evit.models.metadata import Described
+from mlx_evit.models.specs import ModelEntry, PretrainedCfg
+from mlx_evit.ops.resampling import resize
+from mlx_evit.models.keymap import KeyMap
 
 __all__ = [
     "EfficientViTSeg",
@@ -128,7 +128,7 @@ def run_banded(block: nn.Module, x: mx.array, max_elements: Optional[int] = None
 
 
 class SegBackbone(nn.Module):
-    """The MIT backbone of :class:`~mlx_evit.mit.MitEfficientViT` without its classifier.
+    """The MIT backbone of :class:`~mlx_evit.models.mit.MitEfficientViT` without its classifier.
 
     Same children (``stem``, ``stages``) and blocks, so the MIT key tables
     apply under a ``backbone.`` prefix. Returns the four stage maps.
@@ -214,7 +214,7 @@ class EfficientViTSeg(Described, nn.Module):
     """EfficientViT-Seg: MIT backbone + :class:`SegHead`, NHWC.
 
     ``widths``/``depths``/``head_dim``/``large``: the backbone, as for
-    :class:`~mlx_evit.mit.MitEfficientViT`. ``head_width``, ``head_depth``,
+    :class:`~mlx_evit.models.mit.MitEfficientViT`. ``head_width``, ``head_depth``,
     ``middle``, ``expand_ratio``, ``final_expand``: the head (spec table in
     the README). ``norm_eps``: every BatchNorm (1e-5 B, 1e-7 L);
     ``attention_eps``: LiteMLA normaliser (1e-15, the original's).
@@ -323,7 +323,7 @@ class SegPretrainedCfg(PretrainedCfg):
     ``"short_side"`` (ADE20K: short side to ``input_size[1]``, long side to
     the next multiple of ``size_multiple`` of the proportional length).
     ``interpolation`` ``"cv2_cubic"``: OpenCV's ``INTER_CUBIC`` on uint8,
-    reproduced by :func:`mlx_evit.segment.cv2_resize_cubic`. ``hf_filename``:
+    reproduced by :func:`mlx_evit.tasks.segmenter.cv2_resize_cubic`. ``hf_filename``:
     the checkpoint's file in ``hf_hub_id``.
     """
 

@@ -28,9 +28,9 @@ from typing import Any, Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from .layers import Conv2d, DepthwiseConv2d, check_image_input, elu_plus_one, gelu, linear_attention
-from .metadata import Described
-from .specs import ModelEntry
+from mlx_evit.ops.layers import Conv2d, DepthwiseConv2d, check_image_input, elu_plus_one, gelu, linear_attention
+from mlx_evit.models.metadata import Described
+from mlx_evit.models.specs import ModelEntry
 
 __all__ = [
     "EfficientViT",

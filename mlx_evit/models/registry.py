@@ -16,11 +16,12 @@ from typing import Any, Optional
 
 import mlx.nn as nn
 
-from .metadata import set_model_info
-from .specs import IMAGENET_MEAN, IMAGENET_STD, PREPROCESSING_KEYS, ModelEntry, PretrainedCfg  # noqa: F401 (re-exported)
+from mlx_evit.models.metadata import set_model_info
+from mlx_evit.models.specs import IMAGENET_MEAN, IMAGENET_STD, PREPROCESSING_KEYS, ModelEntry, PretrainedCfg  # noqa: F401 (re-exported)
 
 # Family modules that contribute MODELS tables, imported on first use.
-FAMILY_MODULES = ("mlx_evit.seed", "mlx_evit.mit", "mlx_evit.msra", "mlx_evit.seg", "mlx_evit.sam")
+FAMILY_MODULES = ("mlx_evit.models.seed", "mlx_evit.models.mit", "mlx_evit.models.msra", "mlx_evit.models.seg_model",
+                  "mlx_evit.models.sam_model")
 
 
 @functools.cache
@@ -77,7 +78,7 @@ def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
 def build_model(name: str, num_classes: Optional[int] = None, **overrides: Any) -> nn.Module:
     """Build an architecture with random weights (``mlx_evit.create_model`` without weights).
 
-    The model's :class:`~mlx_evit.metadata.ModelInfo` records the
+    The model's :class:`~mlx_evit.models.metadata.ModelInfo` records the
     architecture, the arguments and the tag's preprocessing config.
     """
     entry = get_entry(name)

@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from .layers import (
+from mlx_evit.ops.layers import (
     ConvNorm,
     DepthwiseConv2d,
     GroupedPointwise,
@@ -39,9 +39,9 @@ from .layers import (
     linear_attention,
     relu,
 )
-from .metadata import Described
-from .specs import ModelEntry, PretrainedCfg
-from .weights import KeyMap
+from mlx_evit.models.metadata import Described
+from mlx_evit.models.specs import ModelEntry, PretrainedCfg
+from mlx_evit.models.keymap import KeyMap
 
 __all__ = [
     "MitEfficientViT",
@@ -373,7 +373,7 @@ class MitEfficientViT(Described, nn.Module):
                      attention_eps: float, expand_ratio: float = 4.0) -> list[Stage]:
         """The four backbone stages after the stem (``widths[0]`` channels in), B or L series.
 
-        Shared with the segmentation backbone (:mod:`mlx_evit.seg`), which runs them its own way.
+        Shared with the segmentation backbone (:mod:`mlx_evit.models.seg_model`), which runs them its own way.
         """
         stages, cin = [], widths[0]
         for i, (w, d) in enumerate(zip(widths[1:], depths[1:])):

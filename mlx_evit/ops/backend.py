@@ -1,7 +1,7 @@
 """The one backend switch: MLX's built-in kernels or this package's CPU formulations.
 
-Every layer in :mod:`mlx_evit.layers` that has a CPU formulation (in
-:mod:`mlx_evit.cpu_kernels`) asks :func:`use_native` which one to run. The
+Every layer in :mod:`mlx_evit.ops.layers` that has a CPU formulation (in
+:mod:`mlx_evit.ops.cpu_kernels`) asks :func:`use_native` which one to run. The
 environment variable ``MLX_EVIT_KERNELS`` chooses:
 
 * ``auto`` (default): native when MLX's default device is a GPU (what runs on

@@ -1,7 +1,7 @@
 """Which registered architecture a state dict belongs to, from its keys and shapes alone.
 
 Generic over families: every registry entry whose builder declares
-``checkpoint_layouts`` (:class:`~mlx_evit.weights.KeyMap` tables) is a
+``checkpoint_layouts`` (:class:`~mlx_evit.models.keymap.KeyMap` tables) is a
 candidate; a new family takes part by being listed in the registry. A fit
 renames the keys under a layout of the architecture, builds the model
 (memoised reference shapes), applies its ``adapt_checkpoint`` hook once and
@@ -20,10 +20,10 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import mlx.nn as nn
 import numpy as np
 
-from .checkpoint import CheckpointInfo
-from .errors import ConversionError, mismatch_parts
-from .registry import build_model, get_entry, list_models, split_name
-from .weights import IDENTITY, KeyMap, adapt_params, fit_report, map_state_dict, param_shapes, rename_state_dict, select_layout
+from mlx_evit.loading.checkpoint import CheckpointInfo
+from mlx_evit.errors import ConversionError, mismatch_parts
+from mlx_evit.models.registry import build_model, get_entry, list_models, split_name
+from mlx_evit.models.keymap import IDENTITY, KeyMap, adapt_params, fit_report, map_state_dict, param_shapes, rename_state_dict, select_layout
 
 __all__ = ["Fit", "candidates", "detect_model", "detect", "verify", "fit", "config_tag"]
 
@@ -253,7 +253,7 @@ def detect_model(tensors: Mapping[str, np.ndarray], info: Optional[CheckpointInf
                  candidates: Optional[Iterable[str]] = None) -> str:
     """Registry name of the model a state dict belongs to, from its keys and shapes.
 
-    ``tensors``/``info`` as returned by :func:`~mlx_evit.checkpoint.read_checkpoint`;
+    ``tensors``/``info`` as returned by :func:`~mlx_evit.loading.checkpoint.read_checkpoint`;
     timm's ``config.json`` (``info.config``) names the architecture and tag
     when present and is then only verified. ``candidates``: the
     architectures to choose from (default: every registered one with

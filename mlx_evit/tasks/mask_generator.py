@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .predictor import ImageLike, SamPredictor, as_rgb_uint8
+from mlx_evit.tasks.sam_predictor import ImageLike, SamPredictor, as_rgb_uint8
 
 __all__ = [
     "SamAutomaticMaskGenerator",

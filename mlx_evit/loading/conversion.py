@@ -1,9 +1,9 @@
 """A foreign checkpoint (PyTorch zip, safetensors, timm Hub folder) turned into a ready MLX model.
 
-:func:`from_checkpoint` reads the file (:mod:`mlx_evit.checkpoint`), finds or
-verifies the architecture (:mod:`mlx_evit.detect`), and loads the detected
+:func:`from_checkpoint` reads the file (:mod:`mlx_evit.loading.checkpoint`), finds or
+verifies the architecture (:mod:`mlx_evit.loading.identify`), and loads the detected
 fit's parameters through the one strict loader
-(:func:`mlx_evit.weights.load_params`). timm's ``config.json`` contributes
+(:func:`mlx_evit.models.keymap.load_params`). timm's ``config.json`` contributes
 the pretrained tag, preprocessing and class names. The result is a
 :class:`Source`: an unfused float32 model in eval mode plus what
 ``config.json`` of a converted directory records.
@@ -18,12 +18,12 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import mlx.nn as nn
 
-from .checkpoint import CheckpointInfo, read_checkpoint
-from .detect import config_tag, detect, verify
-from .errors import ConversionError
-from .metadata import set_model_info
-from .registry import PREPROCESSING_KEYS, get_entry, split_name
-from .weights import load_params
+from mlx_evit.loading.checkpoint import CheckpointInfo, read_checkpoint
+from mlx_evit.loading.identify import config_tag, detect, verify
+from mlx_evit.errors import ConversionError
+from mlx_evit.models.metadata import set_model_info
+from mlx_evit.models.registry import PREPROCESSING_KEYS, get_entry, split_name
+from mlx_evit.models.keymap import load_params
 
 __all__ = ["Source", "from_checkpoint", "registry_name", "replay_warnings"]
 

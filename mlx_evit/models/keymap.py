@@ -4,7 +4,7 @@ Each family module describes its checkpoint layouts declaratively as
 :class:`KeyMap` tables (ordered regex rewrites from a source key to the MLX
 parameter path, plus keys to drop). :func:`load_state_dict` applies one,
 converts each tensor according to the type of the module that receives it
-(see :func:`mlx_evit.layers.torch_to_mlx`), and refuses partial or
+(see :func:`mlx_evit.ops.layers.torch_to_mlx`), and refuses partial or
 mismatched loads with an error that names every offending key.
 """
 
@@ -19,8 +19,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .errors import CheckpointMismatchError
-from .layers import torch_to_mlx
+from mlx_evit.errors import CheckpointMismatchError
+from mlx_evit.ops.layers import torch_to_mlx
 
 __all__ = [
     "KeyMap",
@@ -122,7 +122,7 @@ def map_state_dict(
     """Rename and convert ``state`` for ``model``; returns (params, mlx_key -> source_key).
 
     Each tensor is converted for the module that receives it
-    (:func:`mlx_evit.layers.torch_to_mlx`); keys that map to no module of
+    (:func:`mlx_evit.ops.layers.torch_to_mlx`); keys that map to no module of
     the model are kept under their mapped name so that the strict load can
     report them.
     """

@@ -4,8 +4,8 @@ MLX's CPU backend evaluates ``exp``/``erf``/``tanh`` at 20-40 ns per element
 (their polynomials call a software ``fma``) and runs every grouped
 convolution as a scalar loop. The functions here compute the same results
 with ops the CPU backend does fast (adds, multiplies, shifts, GEMMs), which
-``mx.compile`` fuses. :mod:`mlx_evit.layers` chooses between these and the
-built-ins through :func:`mlx_evit.backend.use_native`; nothing here looks at
+``mx.compile`` fuses. :mod:`mlx_evit.ops.layers` chooses between these and the
+built-ins through :func:`mlx_evit.ops.backend.use_native`; nothing here looks at
 the device.
 """
 

@@ -35,8 +35,8 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import one_line
-from .specs import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
+from mlx_evit.errors import one_line
+from mlx_evit.models.specs import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
 
 __all__ = [
     "ImageLoadError",
@@ -245,7 +245,7 @@ def _center_crop_or_pad(pixels: np.ndarray, size: tuple[int, int], fill: Any) ->
 def eval_transform(cfg: Union[PretrainedCfg, Mapping[str, Any], EvalTransform]) -> EvalTransform:
     """The evaluation transform of a preprocessing config.
 
-    ``cfg``: a :class:`~mlx_evit.registry.PretrainedCfg`, its ``to_dict()``
+    ``cfg``: a :class:`~mlx_evit.models.registry.PretrainedCfg`, its ``to_dict()``
     (``model.pretrained_cfg``), or a timm-style data config dict with keys
     ``input_size`` (int, ``(H, W)`` or ``(3, H, W)``), ``crop_pct``,
     ``crop_mode``, ``interpolation``, ``mean``, ``std``; missing keys take

@@ -5,7 +5,7 @@ on the Hub (``timm/efficientvit_b1.r224_in1k``: ``model.safetensors`` +
 ``config.json``). :func:`pretrained_dir` downloads those two files with
 ``huggingface_hub`` (its standard cache, ``HF_HOME`` / ``HF_HUB_CACHE``,
 ``HF_ENDPOINT``, ``HF_HUB_OFFLINE``, resumable downloads), converts them to
-an MLX model directory (:mod:`mlx_evit.conversion`, :mod:`mlx_evit.model_dir`) and keeps that
+an MLX model directory (:mod:`mlx_evit.loading.conversion`, :mod:`mlx_evit.loading.model_dir`) and keeps that
 directory, so later runs load it directly.
 
 Cache layout (root: ``$MLX_EVIT_CACHE``, else ``$HF_HOME/mlx_evit``)::
@@ -29,11 +29,11 @@ import urllib.parse
 from pathlib import Path
 from typing import Callable, Optional
 
-from .conversion import from_checkpoint
-from .errors import HubError, one_line
-from .model_dir import save_source
-from .outputs import check_output_file
-from .registry import get_pretrained_cfg, split_name
+from mlx_evit.loading.conversion import from_checkpoint
+from mlx_evit.errors import HubError, one_line
+from mlx_evit.loading.model_dir import save_source
+from mlx_evit.outputs import check_output_file
+from mlx_evit.models.registry import get_pretrained_cfg, split_name
 
 __all__ = ["HubError", "CACHE_ENV", "DEFAULT_REVISION", "cache_root", "hub_repo_id", "pretrained_dir"]
 

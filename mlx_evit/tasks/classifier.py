@@ -1,6 +1,6 @@
 """The image classifier library: :class:`Classifier` (a prepared model + preprocessing + labels) and its inputs.
 
-Each image goes through its tag's own eval transform (:mod:`mlx_evit.preprocess`,
+Each image goes through its tag's own eval transform (:mod:`mlx_evit.tasks.preprocess`,
 identical to timm's), images are batched, and the scores are softmax
 probabilities over the model's classes. :func:`expand_inputs` turns files,
 folders and glob patterns into image files. The command line is
@@ -19,13 +19,13 @@ from typing import Any, Callable, Optional, Union
 import mlx.core as mx
 import numpy as np
 
-from .api import load, pretrained_weights
-from .dtypes import DTYPE_NAMES
-from .errors import one_line
-from .inference import prepare
-from .labels import Label, LabelFileError, imagenet_labels, read_labels
-from .preprocess import EvalTransform, ImageInput, ImageLoadError, eval_transform, load_image
-from .registry import get_pretrained_cfg, split_name
+from mlx_evit.api import load, pretrained_weights
+from mlx_evit.ops.dtypes import DTYPE_NAMES
+from mlx_evit.errors import one_line
+from mlx_evit.tasks.inference import prepare
+from mlx_evit.tasks.labels import Label, LabelFileError, imagenet_labels, read_labels
+from mlx_evit.tasks.preprocess import EvalTransform, ImageInput, ImageLoadError, eval_transform, load_image
+from mlx_evit.models.registry import get_pretrained_cfg, split_name
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -87,12 +87,12 @@ class Classifier:
     """A model ready for inference, with its preprocessing and class labels.
 
     ``model``: any mlx_evit model (``(B, H, W, 3)`` -> logits); it is
-    prepared for inference in place (:func:`mlx_evit.inference.prepare`: eval
+    prepared for inference in place (:func:`mlx_evit.tasks.inference.prepare`: eval
     mode, BatchNorms folded, compiled forward).
-    ``labels``: one :class:`~mlx_evit.labels.Label` (or name) per class;
+    ``labels``: one :class:`~mlx_evit.tasks.labels.Label` (or name) per class;
     default: the model's own (``model.labels``), else ImageNet-1k for 1000
     classes, else ``"class <i>"``. ``preprocess``: a pretrained cfg dict /
-    :class:`~mlx_evit.specs.PretrainedCfg` / :class:`EvalTransform`;
+    :class:`~mlx_evit.models.specs.PretrainedCfg` / :class:`EvalTransform`;
     default ``model.pretrained_cfg``. ``name``: the model name reported with
     results. Raises :class:`ClassifierError` when labels and classes disagree.
     """
@@ -134,12 +134,12 @@ class Classifier:
         """Load a classifier by name and/or weights.
 
         Without ``weights``, the tag's timm weights come from the Hugging Face
-        Hub, converted once and cached (:func:`mlx_evit.hub.pretrained_dir`).
+        Hub, converted once and cached (:func:`mlx_evit.loading.hub.pretrained_dir`).
         ``weights``: a converted MLX directory or any checkpoint the converter
         reads; ``model`` then checks the architecture and, when it carries a
         tag, selects that tag's preprocessing. ``dtype``: float32, float16 or
         bfloat16. ``labels``: a label file path or a list of labels.
-        Raises :class:`ClassifierError` and :class:`mlx_evit.hub.HubError`.
+        Raises :class:`ClassifierError` and :class:`mlx_evit.loading.hub.HubError`.
         """
         if dtype not in DTYPE_NAMES:
             raise ClassifierError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_NAMES)}")
@@ -251,7 +251,7 @@ class Classifier:
 def load_pixels(transform: Callable[[Any], np.ndarray], path: str) -> Union[np.ndarray, str]:
     """``transform(image)`` of one file, or the one-line message naming why it cannot be read.
 
-    Used by the loader threads of :class:`Classifier` and of :mod:`mlx_evit.evaluate`: an
+    Used by the loader threads of :class:`Classifier` and of :mod:`mlx_evit.tasks.evaluation`: an
     unreadable or undecodable file becomes a message, never an exception that stops the others.
     """
     try:

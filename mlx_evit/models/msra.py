@@ -5,7 +5,7 @@ convolutional patch embedding, then three stages of sandwich blocks
 (depthwise conv, FFN, cascaded group attention in local 7x7 windows,
 depthwise conv, FFN); stages 2 and 3 start with a subsample block whose
 PatchMerging carries a squeeze-excite. Not to be confused with MIT's
-EfficientViT B/L (:mod:`mlx_evit.mit`).
+EfficientViT B/L (:mod:`mlx_evit.models.mit`).
 
 MLX parameter paths are timm's ``efficientvit_msra.py`` state-dict keys
 (``patch_embed.conv1...``, ``stages.1.downsample.patchmerge...``,
@@ -48,10 +48,10 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .layers import ConvNorm, bn_scale_shift, check_image_input, fuse_modules, relu, sigmoid, softmax
-from .metadata import Described
-from .specs import ModelEntry, PretrainedCfg
-from .weights import KeyMap
+from mlx_evit.ops.layers import ConvNorm, bn_scale_shift, check_image_input, fuse_modules, relu, sigmoid, softmax
+from mlx_evit.models.metadata import Described
+from mlx_evit.models.specs import ModelEntry, PretrainedCfg
+from mlx_evit.models.keymap import KeyMap
 
 __all__ = [
     "EfficientViTMSRA",

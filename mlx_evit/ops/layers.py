@@ -7,8 +7,8 @@ LiteMLA's multi-scale aggregation, the linear-attention kernels, and input
 validation.
 
 Backend: each op with a CPU formulation dispatches in one line on
-:func:`mlx_evit.backend.use_native` (``MLX_EVIT_KERNELS``): MLX's built-in
-kernel (what runs on the Apple GPU) or :mod:`mlx_evit.cpu_kernels`.
+:func:`mlx_evit.ops.backend.use_native` (``MLX_EVIT_KERNELS``): MLX's built-in
+kernel (what runs on the Apple GPU) or :mod:`mlx_evit.ops.cpu_kernels`.
 
 Layout conventions (MLX): activations are ``(B, H, W, C)``; convolution
 weights are ``(O, kH, kW, I / groups)``; pointwise (1x1, stride 1, groups 1)
@@ -24,13 +24,13 @@ from typing import Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import cpu_kernels
-from .backend import use_native
+from mlx_evit.ops import cpu_kernels
+from mlx_evit.ops.backend import use_native
 
 Activation = Optional[Callable[[mx.array], mx.array]]
 
 # ---------------------------------------------------------------------------
-# Elementwise math: MLX's built-ins or the CPU forms (mlx_evit.backend decides)
+# Elementwise math: MLX's built-ins or the CPU forms (mlx_evit.ops.backend decides)
 # ---------------------------------------------------------------------------
 
 
@@ -38,7 +38,7 @@ def exp(x: mx.array) -> mx.array:
     """``e**x`` with the argument clamped to ``[-88, 88]`` on both paths.
 
     Native: ``mx.exp`` of the clamped argument; CPU: the float32 polynomial
-    :func:`mlx_evit.cpu_kernels.exp` (relative error < 1e-7). Both saturate
+    :func:`mlx_evit.ops.cpu_kernels.exp` (relative error < 1e-7). Both saturate
     at ``e**88`` = 1.65e38 instead of overflowing. The one difference: below
     about ``e**-87.3`` the CPU form flushes to zero where ``mx.exp`` may
     return a float32 subnormal (< 1.2e-38).
@@ -132,7 +132,7 @@ class DepthwiseConv2d(nn.Module):
     Weight ``(C, k, k, 1)`` as for ``nn.Conv2d(groups=C)``. Native: MLX's
     grouped conv (a dedicated depthwise kernel on the GPU). MLX's CPU backend
     runs grouped convolutions as a naive scalar loop, so the CPU path
-    (:func:`mlx_evit.cpu_kernels.depthwise_conv2d`) writes the convolution
+    (:func:`mlx_evit.ops.cpu_kernels.depthwise_conv2d`) writes the convolution
     with other ops, exactly: small maps as one
     strided ``(B, Ho, Wo, k, k, C)`` view of the padded input, scaled and
     summed over the taps (a handful of graph nodes); large maps as a sum of
@@ -148,7 +148,7 @@ class DepthwiseConv2d(nn.Module):
     # Taps summed per fused kernel in the shifted form. MLX's CPU JIT turns a fused chain into one
     # strided loop with a pointer per input; past about 8 inputs (x tap + weight row per term) it
     # runs several times slower per element, so the sum is cut into kernels of 3 taps
-    # (see :func:`mlx_evit.cpu_kernels.fusion_boundary`).
+    # (see :func:`mlx_evit.ops.cpu_kernels.fusion_boundary`).
     # Measured on x86 in whole models at batch 16: B0 1.75x, B1 1.9x faster than one 9-tap kernel.
     TAPS_PER_KERNEL = 3
 

@@ -511,7 +511,7 @@ def _bundled_reference_blas() -> bool:
 
 
 LOADED: Optional[str] = None
-"""The library MLX calls (or None); kept for :mod:`mlx_evit.inference`'s thread control."""
+"""The library MLX calls (or None); kept for :mod:`mlx_evit.tasks.inference`'s thread control."""
 PREFIX = ""
 """The symbol prefix of :data:`LOADED`'s functions (``"scipy_"`` for scipy-openblas32)."""
 

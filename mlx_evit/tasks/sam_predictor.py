@@ -19,8 +19,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 from PIL import Image
 
-from ..layers import fuse_modules
-from .model import PROMPT_FRAME, SAM_MEAN, SAM_STD, EfficientViTSam, resize_matrix
+from mlx_evit.ops.layers import fuse_modules
+from mlx_evit.models.sam_model import PROMPT_FRAME, SAM_MEAN, SAM_STD, EfficientViTSam, resize_matrix
 
 __all__ = ["SamPredictor", "preprocess_shape", "preprocess_image", "postprocess_matrices"]
 
@@ -106,7 +106,7 @@ class SamPredictor:
             raise TypeError(f"SamPredictor needs an EfficientViT-SAM model, got {type(model).__name__}")
         model.eval()
         if dtype is not None:
-            from ..dtypes import cast_model, parse_dtype
+            from mlx_evit.ops.dtypes import cast_model, parse_dtype
 
             dtype = parse_dtype(dtype)
             cast_model(model, dtype)

@@ -26,15 +26,15 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .checkpoint import read_checkpoint
-from .conversion import Source, registry_name, replay_warnings
-from .dtypes import DTYPES, cast_model, dtype_name, model_dtype
-from .errors import ConversionError, one_line
-from .metadata import set_model_info
-from .outputs import OutputDir, OutputError, atomic_directory, check_output_dir
-from .registry import build_model, get_entry, split_name
-from .version import __version__
-from .weights import load_params, param_shapes
+from mlx_evit.loading.checkpoint import read_checkpoint
+from mlx_evit.loading.conversion import Source, registry_name, replay_warnings
+from mlx_evit.ops.dtypes import DTYPES, cast_model, dtype_name, model_dtype
+from mlx_evit.errors import ConversionError, one_line
+from mlx_evit.models.metadata import set_model_info
+from mlx_evit.outputs import OutputDir, OutputError, atomic_directory, check_output_dir
+from mlx_evit.models.registry import build_model, get_entry, split_name
+from mlx_evit.version import __version__
+from mlx_evit.models.keymap import load_params, param_shapes
 
 __all__ = [
     "CONFIG_NAME",
@@ -197,7 +197,7 @@ def save_model(
 
 def save_source(source: Source, out_dir: Union[PathLike, OutputDir], dtype: Union[str, mx.Dtype] = "float32",
                 force: bool = False) -> Path:
-    """Write a converted :class:`~mlx_evit.conversion.Source` in ``dtype``, recording where it came from.
+    """Write a converted :class:`~mlx_evit.loading.conversion.Source` in ``dtype``, recording where it came from.
 
     ``config.json`` gets ``source``: the file name, its SHA-256 (computed
     when the checkpoint was read for conversion), format, layout and the

@@ -84,7 +84,7 @@ from typing import Any, Mapping, NamedTuple, Optional, Union
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from .errors import CheckpointError, one_line
+from mlx_evit.errors import CheckpointError, one_line
 
 __all__ = ["CheckpointError", "CheckpointInfo", "read_checkpoint", "read_state_dict"]
 
