@@ -588,7 +588,7 @@ def metadata(args) -> dict:
         versions=versions(),
         git=git_revision(),
         threads=args.threads,
-        mlx_blas=_blas.LOADED or "bundled reference BLAS",
+        mlx_blas=_blas.blas_info().library if _blas.blas_info().fast else "bundled reference BLAS",
         mlx_blas_core=_blas.info().core, mlx_blas_binding=_blas.info().route,
         mlx_compile=cpu_compile_available(),
         protocol=dict(warmup=args.warmup, repeats=args.repeats, burst_s=args.burst, pause_s=args.pause,

@@ -10,7 +10,9 @@ Three model families share one registry:
 All models take NHWC float32 images and return logits (or features).
 """
 
-from mlx_evit.ops import blas as _blas  # noqa: F401  (must run before mlx.core is imported)
+from mlx_evit.ops.blas import blas_info, setup as _setup_blas
+
+_setup_blas()  # the one setup step: MLX's CPU GEMMs on a fast OpenBLAS (README, Performance); cheap elsewhere
 from mlx_evit.api import convert, create_model, load, save_model
 from mlx_evit.ops.layers import fuse_modules
 from mlx_evit.models.registry import get_pretrained_cfg, list_models
@@ -29,5 +31,6 @@ __all__ = [
     "load",
     "convert",
     "save_model",
+    "blas_info",
     "__version__",
 ]

@@ -41,7 +41,7 @@ from mlx_evit.tasks.inference import _OpenBLASThreads
 threads = _OpenBLASThreads.open()
 print(json.dumps({
     "route": st.route, "library": st.library, "prefix": st.prefix, "core": st.core,
-    "detected": st.detected_core, "problem": st.problem, "loaded": _blas.LOADED,
+    "detected": st.detected_core, "problem": st.problem, "loaded": st.library if st.fast else None,
     "bound": _blas._bound(_blas._MLXSlots()),
     "threads": threads.get() if threads else None,
     "warnings": [str(w.message) for w in caught if issubclass(w.category, _blas.SlowBLASWarning)],

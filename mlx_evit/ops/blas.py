@@ -510,16 +510,7 @@ def _bundled_reference_blas() -> bool:
     return "mlx_cpu.libs" in bound or os.path.basename(bound).startswith("libblas")
 
 
-LOADED: Optional[str] = None
-"""The library MLX calls (or None); kept for :mod:`mlx_evit.tasks.inference`'s thread control."""
-PREFIX = ""
-"""The symbol prefix of :data:`LOADED`'s functions (``"scipy_"`` for scipy-openblas32)."""
-
-
-def _init() -> None:
-    global LOADED, PREFIX
-    state = setup()
-    LOADED, PREFIX = (state.library, state.prefix) if state.fast else (None, "")
-
-
-_init()
+def blas_info() -> BlasInfo:
+    """What mlx_evit did about MLX's CPU BLAS: the library MLX's GEMMs call (``library``, its symbol
+    ``prefix``), how it was bound (``route``), the OpenBLAS core, and the problem if it fell back."""
+    return info()

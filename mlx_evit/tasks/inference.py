@@ -257,12 +257,13 @@ class _OpenBLASThreads:
 
     @classmethod
     def open(cls) -> Optional["_OpenBLASThreads"]:
-        from mlx_evit.ops import blas as _blas
+        from mlx_evit.ops.blas import blas_info
 
-        if not _blas.LOADED:
+        state = blas_info()
+        if not state.fast or not state.library:
             return None
         try:
-            return cls(ctypes.CDLL(_blas.LOADED), _blas.PREFIX)
+            return cls(ctypes.CDLL(state.library), state.prefix)
         except (OSError, AttributeError):  # not OpenBLAS (MLX_EVIT_BLAS pointed elsewhere)
             return None
 
