@@ -1,9 +1,12 @@
 """The public entry points: :func:`create_model`, :func:`load`, :func:`convert`, :func:`save_model`.
 
-Everything a caller names, a local path or a registered pretrained name
+Thin over the one loading pipe (:mod:`mlx_evit.loading.pipeline`): every
+source a caller names, a local path or a registered pretrained name
 (``efficientvit_b1.r224_in1k``, ``timm/efficientvit_b1.r224_in1k``), goes
-through :func:`open_model`: one load path for MLX model directories,
-checkpoints and Hub weights (:func:`mlx_evit.loading.hub.pretrained_dir`).
+through :func:`~mlx_evit.loading.pipeline.resolve` and
+:func:`~mlx_evit.loading.pipeline.open_model`. What the pipe reports
+(:attr:`~mlx_evit.loading.pipeline.Loaded.notes`) is issued here as Python
+warnings, once.
 """
 
 from __future__ import annotations
@@ -18,11 +21,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_evit.loading.conversion import Source, from_checkpoint, registry_name
+from mlx_evit.loading.model_dir import check_target, save_model
+from mlx_evit.loading.pipeline import Loaded, hub_name, open_model, pretrained_dir, resolve, save_loaded
+from mlx_evit.models.registry import build_model, registry_name
 from mlx_evit.ops.dtypes import cast_model, dtype_name, parse_dtype
-from mlx_evit.loading.hub import pretrained_dir
-from mlx_evit.loading.model_dir import check_target, mlx_config_path, read_model_dir, save_model, save_source
-from mlx_evit.models.registry import build_model, get_entry
 
 __all__ = [
     "ConversionResult",
@@ -31,14 +33,11 @@ __all__ = [
     "load_into",
     "convert",
     "save_model",
-    "open_model",
     "pretrained_weights",
-    "resolve",
     "hub_name",
 ]
 
 PathLike = Union[str, os.PathLike]
-_HUB_PREFIX = "timm/"
 
 
 @dataclass(frozen=True)
@@ -64,18 +63,6 @@ class ConversionResult:
     warnings: tuple[str, ...] = ()
 
 
-def hub_name(name: str) -> Optional[str]:
-    """The registered name ``name`` stands for (``timm/<tag>`` accepted), or None if it is not one."""
-    if not isinstance(name, str):
-        return None
-    bare = name[len(_HUB_PREFIX):] if name.startswith(_HUB_PREFIX) else name
-    try:
-        get_entry(bare)
-    except ValueError:
-        return None
-    return bare
-
-
 def pretrained_weights(name: str, *, revision: str = "main", log: Optional[Callable[[str], None]] = None) -> Path:
     """The converted MLX directory of a registered name's Hub weights (``timm/<tag>`` accepted).
 
@@ -85,21 +72,10 @@ def pretrained_weights(name: str, *, revision: str = "main", log: Optional[Calla
     return pretrained_dir(hub_name(name) or name, revision=revision, log=log)
 
 
-def resolve(path: PathLike, log: Optional[Callable[[str], None]] = None) -> PathLike:
-    """``path`` itself, or the cached Hub weights when it is a registered name and no such file exists."""
-    if not isinstance(path, str) or os.path.exists(path) or hub_name(path) is None:
-        return path  # a local path, or not a model name either: the reader reports the missing file
-    return pretrained_weights(path, log=log)
-
-
-def open_model(path: PathLike, name: Optional[str] = None, num_classes: Optional[int] = None,
-               overrides: Optional[Mapping[str, Any]] = None, log: Optional[Callable[[str], None]] = None,
-               sha256: bool = False) -> Source:
-    """The unfused model (eval mode) of an MLX model directory or a checkpoint, with its provenance."""
-    config = mlx_config_path(path)
-    if config is not None:
-        return read_model_dir(config.parent, name, num_classes, overrides, sha256=sha256)
-    return from_checkpoint(path, name, num_classes, overrides, log, sha256=sha256)
+def _warn(loaded: Loaded) -> Loaded:
+    for note in loaded.notes:
+        warnings.warn(note, stacklevel=3)
+    return loaded
 
 
 def load(
@@ -128,7 +104,7 @@ def load(
     names or None).
     """
     target = parse_dtype(dtype)
-    net = open_model(resolve(path), model).model
+    net = _warn(open_model(resolve(path), model)).model
     if target is not None:
         cast_model(net, target)
     net.eval()
@@ -146,7 +122,7 @@ def load_into(name: str, path: PathLike, num_classes: Optional[int] = None, **ov
     attention eps) apply unless overridden; ``num_classes`` defaults to the
     checkpoint's classifier width.
     """
-    net = open_model(path, name, num_classes, overrides).model
+    net = _warn(open_model(path, name, num_classes, overrides)).model
     mx.eval(net.parameters())
     return net
 
@@ -204,12 +180,10 @@ def convert(
     target = parse_dtype(dtype)
     out = Path(out_dir)
     checked = check_target(out, force, inputs=[src])  # fail before the expensive part; never over SRC
-    with warnings.catch_warnings(record=True):
-        warnings.simplefilter("always")
-        source = open_model(src, model, log=log, sha256=True)
+    source = open_model(src, model, log=log, sha256=True)
     if log:
         log(f"writing {out} ({dtype_name(target)})")
-    save_source(source, checked, target, force=force)
+    save_loaded(source, checked, target, force=force)
     net, info = source.model, source.info
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     return ConversionResult(
@@ -223,5 +197,5 @@ def convert(
         num_classes=net.num_classes,
         num_params=sum(v.size for _, v in tree_flatten(net.trainable_parameters())),
         size_bytes=size,
-        warnings=source.warnings,
+        warnings=source.notes,
     )

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 
 import mlx_evit
 from fake_hub import FakeHub
-from mlx_evit.loading.hub import CACHE_ENV, pretrained_dir
+from mlx_evit.loading.hub import CACHE_ENV
+from mlx_evit.loading.pipeline import pretrained_dir
 from mlx.utils import tree_flatten
 from reference_models import save_timm_folder
 

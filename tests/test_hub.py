@@ -25,7 +25,8 @@ import torch
 from fake_hub import FakeHub
 from mlx_evit.classify import DEFAULT_MODEL
 from mlx_evit import load
-from mlx_evit.loading.hub import CACHE_ENV, HubError, cache_root, pretrained_dir
+from mlx_evit.loading.hub import CACHE_ENV, HubError, cache_root
+from mlx_evit.loading.pipeline import pretrained_dir
 from reference_models import PHOTOS, peaked_timm_model, save_timm_folder, timm_probs
 
 torch.set_num_threads(2)

@@ -150,7 +150,8 @@ def test_hub_download_of_the_released_file(tmp_path, monkeypatch, b0_pt):
     from huggingface_hub import constants
 
     from fake_hub import FakeHub
-    from mlx_evit.loading.hub import CACHE_ENV, HubError, pretrained_dir
+    from mlx_evit.loading.hub import CACHE_ENV, HubError
+    from mlx_evit.loading.pipeline import pretrained_dir
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)

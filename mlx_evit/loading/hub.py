@@ -5,8 +5,11 @@ on the Hub (``timm/efficientvit_b1.r224_in1k``: ``model.safetensors`` +
 ``config.json``). :func:`pretrained_dir` downloads those two files with
 ``huggingface_hub`` (its standard cache, ``HF_HOME`` / ``HF_HUB_CACHE``,
 ``HF_ENDPOINT``, ``HF_HUB_OFFLINE``, resumable downloads), converts them to
-an MLX model directory (:mod:`mlx_evit.loading.conversion`, :mod:`mlx_evit.loading.model_dir`) and keeps that
-directory, so later runs load it directly.
+an MLX model directory and keeps that directory, so later runs load it
+directly. This module only locates and downloads: :func:`locate` answers
+where our converted copy is or where the downloaded upstream files are, and
+:func:`mlx_evit.loading.pipeline.pretrained_dir` converts them (the pipe
+owns conversion; the Hub is a source that feeds it).
 
 Cache layout (root: ``$MLX_EVIT_CACHE``, else ``$HF_HOME/mlx_evit``)::
 
@@ -29,13 +32,14 @@ import urllib.parse
 from pathlib import Path
 from typing import Callable, Optional
 
-from mlx_evit.loading.conversion import from_checkpoint
+from dataclasses import dataclass
+
 from mlx_evit.errors import HubError, one_line
-from mlx_evit.loading.model_dir import save_source
 from mlx_evit.outputs import check_output_file
 from mlx_evit.models.registry import get_pretrained_cfg, split_name
 
-__all__ = ["HubError", "CACHE_ENV", "DEFAULT_REVISION", "cache_root", "hub_repo_id", "pretrained_dir"]
+__all__ = ["HubError", "CACHE_ENV", "DEFAULT_REVISION", "HubSpot", "cache_root", "hub_repo_id", "locate", "record",
+           "is_converted"]
 
 CACHE_ENV = "MLX_EVIT_CACHE"
 DEFAULT_REVISION = "main"
@@ -60,29 +64,44 @@ def hub_repo_id(name: str) -> str:
     """
     cfg = get_pretrained_cfg(name)
     if cfg is None or not cfg.hf_hub_id:
-        raise HubError(f"model {name!r} has no pretrained weights on the Hub; give a checkpoint (--weights PATH)")
+        raise HubError(f"model {name!r} has no pretrained weights on the Hub; give a local checkpoint or model folder")
     return cfg.hf_hub_id
 
 
-def pretrained_dir(
+@dataclass(frozen=True)
+class HubSpot:
+    """Where a registered tag's weights are: our converted copy, or the upstream files to convert.
+
+    ``converted``: the complete converted folder (``target``) when it exists,
+    else None and ``files`` is the downloaded upstream file (or timm folder)
+    that the pipe converts into ``target``; ``ref`` records ``commit``.
+    """
+
+    name: str
+    repo_id: str
+    commit: str
+    target: Path
+    ref: Path
+    converted: Optional[Path] = None
+    files: Optional[Path] = None
+
+
+def locate(
     name: str,
     *,
     revision: str = DEFAULT_REVISION,
     cache_dir: Optional[os.PathLike] = None,
     endpoint: Optional[str] = None,
     offline: bool = False,
-    log: Optional[Callable[[str], None]] = None,
-) -> Path:
-    """Converted MLX model directory of a registered tag's Hub weights.
+) -> HubSpot:
+    """Our converted copy of a registered tag's Hub weights, or its upstream files downloaded.
 
-    Downloads and converts on first use, then returns the cached directory.
     ``revision``: branch, tag or commit of the Hub repository. ``cache_dir``:
     the converted-weights cache (default :func:`cache_root`). ``endpoint``:
     the Hub URL (default ``HF_ENDPOINT``). ``offline``: never touch the
-    network (as ``HF_HUB_OFFLINE=1``). ``log``: called with one-line status
-    messages (converting). Raises :class:`HubError` (offline or unreachable
-    with nothing cached, unknown repository, revision or file, failed
-    download or conversion) and ``ValueError`` for an unknown model name.
+    network (as ``HF_HUB_OFFLINE=1``). Raises :class:`HubError` (offline or
+    unreachable with nothing cached, unknown repository, revision or file,
+    failed download) and ``ValueError`` for an unknown model name.
     """
     from huggingface_hub import constants
 
@@ -98,6 +117,12 @@ def pretrained_dir(
     offline = offline or constants.HF_HUB_OFFLINE
     hub = _Repo(repo_id, endpoint)
 
+    def spot(commit: str, downloaded: Optional[Path] = None) -> HubSpot:
+        target = store / "snapshots" / commit
+        done = target if is_converted(target) else None
+        source = None if done else (downloaded if single else downloaded.parent)
+        return HubSpot(name, repo_id, commit, target, ref, done, source)
+
     unreachable = None
     if not offline:
         try:
@@ -108,7 +133,7 @@ def pretrained_dir(
         # No answer from the Hub: our conversion, else the files in the Hub cache.
         cached = _cached_commit(store, ref)
         if cached is not None:
-            return cached
+            return spot(cached.name)
         config = hub.download(files[0], revision, local_only=True)
         weights = hub.download(files[-1], config.parent.name, local_only=True) if config else None
         if weights is None:
@@ -117,24 +142,20 @@ def pretrained_dir(
             raise HubError(
                 f"{name}: pretrained weights are not cached and {why}. Download them once with network access "
                 f"(`hf download {repo_id} {' '.join(reversed(files))}`), or give a local checkpoint or converted "
-                f"MLX directory (--weights PATH)"
+                f"MLX model folder"
             )
-    else:
-        converted = store / "snapshots" / commit
-        if _is_model_dir(converted):
-            _write_ref(ref, commit)
-            return converted
-        config = hub.download(files[0], revision)
-        # The revision may have moved since resolve(): the config's snapshot names the commit.
-        weights = hub.download(files[-1], config.parent.name)
-    commit = config.parent.name  # the Hub cache keeps files under snapshots/<commit>/
-    converted = store / "snapshots" / commit
-    if not _is_model_dir(converted):
-        if log is not None:
-            log(f"converting {repo_id}@{commit[:12]} to MLX in {converted}")
-        _convert(name, weights if single else weights.parent, converted)
-    _write_ref(ref, commit)
-    return converted
+        return spot(config.parent.name, weights)  # the Hub cache keeps files under snapshots/<commit>/
+    if is_converted(store / "snapshots" / commit):
+        return spot(commit)
+    config = hub.download(files[0], revision)
+    # The revision may have moved since resolve(): the config's snapshot names the commit.
+    weights = hub.download(files[-1], config.parent.name)
+    return spot(config.parent.name, weights)
+
+
+def record(spot: HubSpot) -> None:
+    """Record the commit a revision resolved to (atomic; best effort on a read-only cache)."""
+    _write_ref(spot.ref, spot.commit)
 
 
 class _Unreachable(Exception):
@@ -226,21 +247,12 @@ def _cached_commit(store: Path, ref: Path) -> Optional[Path]:
     except (OSError, UnicodeDecodeError):
         return None
     converted = store / "snapshots" / commit
-    return converted if commit and "/" not in commit and _is_model_dir(converted) else None
+    return converted if commit and "/" not in commit and is_converted(converted) else None
 
 
-def _is_model_dir(path: Path) -> bool:
+def is_converted(path: Path) -> bool:
+    """Whether ``path`` is a complete converted folder of the cache."""
     return (path / _WEIGHTS).is_file() and (path / _CONFIG).is_file()
-
-
-def _convert(name: str, source: Path, target: Path) -> None:
-    """Convert a downloaded timm folder into ``target`` (atomic; a concurrent run may win)."""
-    try:
-        save_source(from_checkpoint(source, name, sha256=True), target)
-    except Exception as e:
-        if _is_model_dir(target):  # another process finished the same conversion first
-            return
-        raise HubError(f"cannot convert {source} for {name}: {one_line(e)}") from None
 
 
 def _write_ref(ref: Path, commit: str) -> None:

@@ -1,4 +1,4 @@
-"""The MLX model directory format: writing (:func:`save_model`) and reading (:func:`read_model_dir`).
+"""The MLX model directory format: writing (:func:`save_model`) and reading its config (:func:`read_config`).
 
 A directory holds two files (documented in ``convert/README.md``):
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -26,15 +26,12 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_evit.loading.checkpoint import read_checkpoint
-from mlx_evit.loading.conversion import Source, registry_name, replay_warnings
-from mlx_evit.ops.dtypes import DTYPES, cast_model, dtype_name, model_dtype
 from mlx_evit.errors import ConversionError, one_line
-from mlx_evit.models.metadata import set_model_info
+from mlx_evit.models.keymap import param_shapes
+from mlx_evit.models.registry import build_model, get_entry, registry_name
+from mlx_evit.ops.dtypes import DTYPES, dtype_name, model_dtype
 from mlx_evit.outputs import OutputDir, OutputError, atomic_directory, check_output_dir
-from mlx_evit.models.registry import build_model, get_entry, split_name
 from mlx_evit.version import __version__
-from mlx_evit.models.keymap import load_params, param_shapes
 
 __all__ = [
     "CONFIG_NAME",
@@ -45,8 +42,8 @@ __all__ = [
     "mlx_config_path",
     "check_target",
     "save_model",
-    "save_source",
-    "read_model_dir",
+    "ModelDirConfig",
+    "read_config",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -195,42 +192,26 @@ def save_model(
     return Path(target.given)
 
 
-def save_source(source: Source, out_dir: Union[PathLike, OutputDir], dtype: Union[str, mx.Dtype] = "float32",
-                force: bool = False) -> Path:
-    """Write a converted :class:`~mlx_evit.loading.conversion.Source` in ``dtype``, recording where it came from.
+@dataclass(frozen=True)
+class ModelDirConfig:
+    """A model folder's ``config.json``, validated: what to build and what to attach to the model."""
 
-    ``config.json`` gets ``source``: the file name, its SHA-256 (computed
-    when the checkpoint was read for conversion), format, layout and the
-    wrapper key the state dict sat under.
+    path: Path
+    architecture: str
+    arch_args: Mapping[str, Any]
+    dtype: str
+    pretrained_cfg: Optional[dict]
+    labels: Optional[list[str]]
+
+
+def read_config(config_path: PathLike) -> ModelDirConfig:
+    """Read and check an MLX model folder's ``config.json`` (nothing is built here).
+
+    One-line :class:`ConversionError` naming the file (and key) for a
+    config that is not ours, of a newer format, or names an unknown
+    architecture or dtype.
     """
-    info = source.info
-    record = {
-        "file": os.path.basename(info.path),
-        "sha256": info.sha256,
-        "format": "mlx" if source.layout == "mlx" else info.format,
-        "layout": source.layout,
-    }
-    if info.wrapper:
-        record["wrapper"] = info.wrapper
-    cast_model(source.model, dtype)
-    return save_model(source.model, out_dir, labels=source.labels, source=record, force=force)
-
-
-def read_model_dir(
-    folder: PathLike,
-    name: Optional[str] = None,
-    num_classes: Optional[int] = None,
-    overrides: Optional[Mapping[str, Any]] = None,
-    sha256: bool = False,
-) -> Source:
-    """Rebuild the model of an MLX model directory (unfused, in its stored dtype, eval).
-
-    ``name``: expected registry name (the architecture must match);
-    ``num_classes``/``overrides`` change the stored architecture arguments;
-    ``sha256``: hash the weights file (when re-converting).
-    """
-    folder = Path(folder)
-    config_path = folder / CONFIG_NAME
+    config_path = Path(config_path)
     config = _read_json(config_path)
     if config.get("format") != FORMAT:
         raise ConversionError(f"{config_path}: not an mlx_evit model config (format {config.get('format')!r})")
@@ -247,31 +228,16 @@ def read_model_dir(
         get_entry(arch)
     except ValueError as e:
         raise ConversionError(f"{config_path}: {e}") from None
-    if name is not None and split_name(name)[0] != arch:
-        raise ConversionError(f"{folder} holds {arch}, not {split_name(name)[0]}")
     dtype = config.get("dtype", "float32")
     if dtype not in DTYPES:
         raise ConversionError(f"{config_path}: unsupported dtype {dtype!r}")
-    args = _tuplify(arch_args)
-    args.update(overrides or {})
-    if num_classes is not None:
-        args["num_classes"] = num_classes
-    try:
-        model = build_model(arch, **args)
-    except (TypeError, ValueError) as e:
-        raise ConversionError(f"{config_path}: arch_args do not build {arch}: {one_line(e, 200)}") from None
-    cast_model(model, dtype)
-    tensors, info = read_checkpoint(folder / WEIGHTS_NAME, sha256=sha256)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        load_params(model, tensors, source=str(folder / WEIGHTS_NAME))
-    messages = replay_warnings(caught)
     pretrained_cfg = config.get("pretrained_cfg")
     labels = config.get("labels")
-    set_model_info(
-        model,
+    return ModelDirConfig(
+        path=config_path,
+        architecture=arch,
+        arch_args=_tuplify(arch_args),
+        dtype=dtype,
         pretrained_cfg=pretrained_cfg if isinstance(pretrained_cfg, dict) else None,
         labels=list(labels) if isinstance(labels, list) and all(isinstance(s, str) for s in labels) else None,
     )
-    model.eval()
-    return Source(model, "mlx", info, model.labels, messages)

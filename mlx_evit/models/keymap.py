@@ -11,6 +11,7 @@ mismatched loads with an error that names every offending key.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional, Sequence
 
@@ -137,14 +138,20 @@ def map_state_dict(
     return params, origin
 
 
-def adapt_params(model: nn.Module, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """MLX-layout ``params`` after the model's own fix-up hook ``adapt_checkpoint`` (if it has one).
+def adapt_params(model: nn.Module, params: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
+    """``(params, notes)``: MLX-layout ``params`` after the model's own fix-up hook ``adapt_checkpoint``.
 
-    The hook (e.g. resizing attention-bias tables, averaging a distillation
-    head) runs once per load; it may warn.
+    The hook (e.g. resizing attention-bias tables, folding a distillation
+    head) runs once per load. What it warns is returned as ``notes`` (one
+    message each) for the caller to report, not emitted here.
     """
     adapt = getattr(model, "adapt_checkpoint", None)
-    return adapt(params) if adapt is not None else params
+    if adapt is None:
+        return params, ()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        params = adapt(params)
+    return params, tuple(str(w.message) for w in caught)
 
 
 def fit_report(
@@ -191,7 +198,9 @@ def load_params(
     ``load_weights(strict=True)`` and are evaluated.
     """
     if not adapted:
-        params = adapt_params(model, dict(params))
+        params, notes = adapt_params(model, dict(params))
+        for note in notes:
+            warnings.warn(note, stacklevel=2)
     missing, unexpected, mismatched = fit_report(model, params, origin)
     if missing or unexpected or mismatched:
         missing = tuple(sorted(missing))

@@ -476,6 +476,10 @@ class EfficientViTMSRA(Described, nn.Module):
     """
 
     checkpoint_layouts = (TIMM_LAYOUT, ORIGINAL_LAYOUT)
+    # What adapt_checkpoint fits, as data for identification (mlx_evit.loading.identify): a distillation
+    # head it folds away, and attention-bias tables it resizes to this model's windows.
+    adapted_keys = (r"^head_dist\.",)
+    resized_keys = (r"attention_biases$",)
     PLAIN_ATTRIBUTES = ("window_size", "resolutions", "attn_resolutions")
 
     def __init__(

@@ -91,3 +91,15 @@ def build_model(name: str, num_classes: Optional[int] = None, **overrides: Any) 
     model = entry.builder(**args)
     set_model_info(model, architecture=entry.name, args=args, pretrained_cfg=cfg.to_dict() if cfg is not None else None)
     return model
+
+
+def registry_name(arch: str, pretrained_cfg: Optional[dict] = None) -> str:
+    """``arch.tag`` when the registry knows the model's tag (``pretrained_cfg["tag"]``), else ``arch``."""
+    tag = (pretrained_cfg or {}).get("tag")
+    if not isinstance(tag, str):
+        return arch
+    try:
+        get_entry(arch).cfg(tag)
+    except ValueError:
+        return arch
+    return f"{arch}.{tag}"
