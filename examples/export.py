@@ -29,7 +29,7 @@ from mlx_evit.loading.hub import HubError, pretrained_dir
 from mlx_evit.tasks.inference import prepare
 from mlx_evit.tasks.labels import imagenet_labels
 from mlx_evit.ops.dtypes import DTYPE_NAMES
-from mlx_evit.tasks.preprocess import eval_transform
+from mlx_evit.tasks.transforms import eval_transform
 from mlx_evit.models.specs import PREPROCESSING_KEYS
 
 import mlx.core as mx

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 import mlx_evit  # import before mlx.core (it sets up BLAS)
 from mlx_evit.loading.hub import HubError, pretrained_dir
-from mlx_evit.tasks.preprocess import eval_transform, load_image
+from mlx_evit.tasks.transforms import eval_transform, load_image
 
 import mlx.core as mx
 

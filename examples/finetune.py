@@ -56,7 +56,7 @@ from mlx_evit.ops.backend import default_device_is_gpu
 from mlx_evit.tasks.distributed import RankFailure, Ranks, shard_bounds
 from mlx_evit.loading.hub import HubError, pretrained_dir
 from mlx_evit.outputs import check_output_dir
-from mlx_evit.tasks.preprocess import INTERPOLATIONS, ImageLoadError, eval_transform, load_image
+from mlx_evit.tasks.transforms import INTERPOLATIONS, ImageLoadError, eval_transform, load_image
 from mlx_evit.models.registry import IMAGENET_MEAN, IMAGENET_STD, PREPROCESSING_KEYS, get_entry
 
 import mlx.core as mx

@@ -12,7 +12,7 @@ from PIL import Image
 
 import mlx_evit  # import before mlx.core (it sets up BLAS)
 from mlx_evit.loading.hub import HubError
-from mlx_evit.tasks.preprocess import load_image
+from mlx_evit.tasks.transforms import load_image
 from mlx_evit.sam import SamPredictor
 
 parser = argparse.ArgumentParser(description="Masks from point (X,Y[,LABEL]) and box (X0,Y0,X1,Y1) prompts.")

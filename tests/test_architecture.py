@@ -1,4 +1,5 @@
-"""The package's structure (issue 12): one-way imports, module size and purpose, metadata outside MLX's tree.
+"""The package's structure: one-way imports by layer, module size and purpose, the load pipe running down
+once, names that do not collide, metadata outside MLX's tree.
 
 The import graph is read from the source (``ast``; function-level imports
 and modules imported by name through ``importlib`` count too).
@@ -15,12 +16,12 @@ import mlx.nn as nn
 import pytest
 
 import mlx_evit
+from calltrace import layer_of, trace
 from mlx_evit.models.registry import build_model, list_models
 
 PACKAGE = Path(mlx_evit.__file__).resolve().parent
-MAX_LINES = 500
-# Long modules of work in progress elsewhere in this wave (their owners state a reason or split them).
-NOT_YET_REVIEWED = {"mlx_evit.ops.blas", "mlx_evit.outputs", "mlx_evit.tasks.evaluation", "mlx_evit.models.sam_model"}
+SOFT_MAX_LINES = 500  # longer: the module's docstring says why, in a sentence that names its length
+HARD_MAX_LINES = 600
 
 
 def _modules() -> dict[str, Path]:
@@ -85,7 +86,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str]:
 
 def test_no_import_cycles():
     graph = import_graph()
-    assert "mlx_evit.convert" in graph["mlx_evit"]  # the graph sees package imports
+    assert "mlx_evit.api" in graph["mlx_evit"]  # the graph sees package imports
     assert not _cycle(graph), " -> ".join(_cycle(graph))
 
 
@@ -94,26 +95,53 @@ def test_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": set()}) == []
 
 
-def test_layers_sit_below_the_entry_points():
+def test_imports_run_down_the_layers():
+    """Every import, function-level ones included, goes to the same layer or one below (calltrace.LAYERS)."""
+    upward = [f"{m} ({layer_of(m)}) imports {d} ({layer_of(d)})"
+              for m, deps in import_graph().items() for d in sorted(deps)
+              if layer_of(d) > layer_of(m) and not (m == "mlx_evit" and d.startswith("mlx_evit."))]
+    assert not upward, "\n".join(upward)
+
+
+def test_layer_rule_orders_the_layers():
+    assert layer_of("mlx_evit.cli.sam_command") > layer_of("mlx_evit.tasks.sam_predictor") > layer_of("mlx_evit.api")
+    assert layer_of("mlx_evit.loading.pipeline") > layer_of("mlx_evit.loading.hub") > layer_of("mlx_evit.models.mit")
+    assert layer_of("mlx_evit.models.registry") > layer_of("mlx_evit.ops.layers") > layer_of("mlx_evit.errors")
+
+
+def test_library_modules_never_import_the_command_line():
     graph = import_graph()
+    shims = {f"mlx_evit.{p}.__main__" for p in ("classify", "segment", "sam", "evaluate")} | {"mlx_evit.__main__"}
+    offenders = [m for m, deps in graph.items() if not m.startswith("mlx_evit.cli") and m not in shims
+                 and any(d.startswith("mlx_evit.cli") for d in deps)]
+    assert not offenders
 
-    def reaches(src: str, dst: str) -> bool:
-        seen, todo = set(), [src]
-        while todo:
-            node = todo.pop()
-            if node == dst:
-                return True
-            if node not in seen:
-                seen.add(node)
-                todo.extend(graph[node])
-        return False
 
-    low = ("mlx_evit.ops.layers", "mlx_evit.ops.backend", "mlx_evit.ops.cpu_kernels", "mlx_evit.models.keymap", "mlx_evit.models.registry",
-           "mlx_evit.loading.checkpoint", "mlx_evit.loading.identify", "mlx_evit.loading.conversion", "mlx_evit.loading.model_dir", "mlx_evit.loading.hub")
-    for module in low:
-        for high in ("mlx_evit.api", "mlx_evit.cli.main", "mlx_evit.cli.convert", "mlx_evit.cli.classify"):
-            assert not reaches(module, high), f"{module} imports {high}"
-    assert not reaches("mlx_evit.ops.layers", "mlx_evit.models.registry")
+def test_task_modules_never_read_checkpoints_or_the_hub():
+    graph = import_graph()
+    banned = ("mlx_evit.loading.hub", "mlx_evit.loading.checkpoint", "mlx_evit.loading.model_dir",
+              "mlx_evit.loading.identify")
+    for module, deps in graph.items():
+        if module.startswith("mlx_evit.tasks"):
+            assert not [d for d in deps if d.startswith(banned)], module
+
+
+def test_no_public_function_shares_a_module_name():
+    import importlib
+    import inspect
+
+    names = {n.rpartition(".")[2] for n in _modules()}
+    clashes = []
+    for module in _modules():
+        if module.endswith("__main__"):
+            continue
+        mod = importlib.import_module(module)
+        for attr in getattr(mod, "__all__", ()):
+            obj = getattr(mod, attr, None)
+            # a function is named once, where it is defined; an alias kept for a documented name is allowed
+            if inspect.isfunction(obj) and obj.__name__ in names:
+                clashes.append(f"{module}.{attr}")
+    assert not clashes
 
 
 def test_every_module_states_its_job_and_long_ones_say_why():
@@ -122,8 +150,92 @@ def test_every_module_states_its_job_and_long_ones_say_why():
         doc = ast.get_docstring(ast.parse(text))
         assert doc, f"{name} has no module docstring"
         lines = text.count("\n")
-        if lines > MAX_LINES and name not in NOT_YET_REVIEWED:
-            assert re.search(r"\d+ lines", doc), f"{name}: {lines} lines, no reason stated in its docstring"
+        assert lines <= HARD_MAX_LINES, f"{name}: {lines} lines"
+        if lines > SOFT_MAX_LINES:
+            # the reason names the module's length to the hundred, so it goes stale when the module grows
+            assert re.search(rf"\b{lines // 100}\d\d lines\b", doc), f"{name}: {lines} lines, no reason given"
+
+
+def test_param_tables_match_fresh_builds():
+    """The identification tables (tools/make_param_tables.py) equal what the registry builds."""
+    import math
+
+    from mlx.utils import tree_flatten
+
+    from mlx_evit.loading.identify import _tables
+
+    def sizes(model):
+        return {k: math.prod(v.shape) for k, v in tree_flatten(model.parameters())}
+
+    tables = _tables()
+    assert set(tables) == {a for a in list_models() if getattr(build_model(a), "checkpoint_layouts", None)}
+    for arch, table in tables.items():
+        full = sizes(build_model(arch))
+        nc = table["num_classes"]
+        expected = dict(table["params"], **{k: a * (nc or 0) + b for k, (a, b) in table["head"].items()})
+        assert expected == full, arch
+        if table["head"]:
+            three = sizes(build_model(arch, num_classes=3))
+            assert {k: a * 3 + b for k, (a, b) in table["head"].items()} == {k: three[k] for k in table["head"]}
+
+
+def _runs_down_once(t) -> None:
+    assert not t.climbs, t.summary()
+    for module, callers in t.entries.items():
+        if layer_of(module) >= layer_of("mlx_evit.loading.hub"):  # the pipe's own modules
+            assert len({c.rpartition(".")[0] for c in callers}) <= 2, t.summary()
+
+
+def test_load_and_convert_run_down_the_layers_once(tmp_path):
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    mlx_evit.save_model(mlx_evit.create_model("efficientvit_b0", num_classes=7), tmp_path / "folder")
+    state = timm.create_model("efficientvit_m0", num_classes=5).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "m0.safetensors"))
+    torch.save(state, tmp_path / "m0.pth")
+    for src in ("folder", "m0.safetensors", "m0.pth"):
+        net, t = trace(mlx_evit.load, tmp_path / src)
+        _runs_down_once(t)
+        assert "mlx_evit.loading.pipeline" in t.modules
+        assert ("mlx_evit.loading.identify" in t.modules) == (src != "folder")
+    _, t = trace(mlx_evit.convert, tmp_path / "m0.pth", tmp_path / "out")
+    _runs_down_once(t)
+    assert mlx_evit.load(tmp_path / "out").num_classes == 5
+
+
+def test_trace_sees_a_climb():
+    """The tracer reports a lower-layer module calling a higher one (so the tests above can fail)."""
+    scope = {"__name__": "mlx_evit.ops.dtypes"}
+    exec(compile("def climb(f):\n    return f()\n", "<lower>", "exec"), scope)  # code that runs as ops.dtypes
+    _, t = trace(scope["climb"], lambda: mlx_evit.create_model("efficientvit_b0"))
+    assert ("mlx_evit.ops.dtypes", "mlx_evit.api") in t.climbs
+
+
+def test_hub_tag_load_runs_down_the_layers_once(monkeypatch, tmp_path):
+    import timm
+    from huggingface_hub import constants
+
+    from fake_hub import FakeHub
+    from reference_models import save_timm_folder
+
+    monkeypatch.setenv("MLX_EVIT_CACHE", str(tmp_path / "mlx"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    hub = FakeHub().start()
+    try:
+        folder = save_timm_folder(timm.create_model("efficientvit_b0", pretrained=False).eval(), tmp_path / "b0")
+        hub.publish("timm/efficientvit_b0.r224_in1k",
+                    {n: (folder / n).read_bytes() for n in ("config.json", "model.safetensors")})
+        from mlx_evit.loading import pipeline
+
+        path, t = trace(pipeline.pretrained_dir, "efficientvit_b0.r224_in1k", endpoint=hub.endpoint)
+    finally:
+        hub.stop()
+    _runs_down_once(t)
+    assert "mlx_evit.loading.hub" in t.modules and "mlx_evit.loading.identify" in t.modules
+    assert mlx_evit.load(path).arch_name == "efficientvit_b0"
 
 
 @pytest.mark.parametrize("name", list_models())

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from mlx_evit.classify import Classifier, ClassifierError, expand_inputs
-from mlx_evit.cli.classify import CSV_COLUMNS, main
+from mlx_evit.cli.classify_command import CSV_COLUMNS, main
 from mlx_evit import convert
 from mlx_evit.tasks.labels import imagenet_labels
 from reference_models import PHOTOS, PHOTOS_DIR, peaked_timm_model, save_timm_folder, timm_probs

@@ -19,7 +19,7 @@ from pathlib import Path
 import mlx_evit
 import pytest
 
-from mlx_evit.cli.classify import main
+from mlx_evit.cli.classify_command import main
 
 PHOTOS_DIR = Path(__file__).resolve().parent / "data" / "images"
 PHOTO = sorted(p for p in PHOTOS_DIR.iterdir() if p.suffix in (".png", ".jpg"))[0]

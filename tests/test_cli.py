@@ -8,8 +8,8 @@ import sys
 import pytest
 
 import mlx_evit
-from mlx_evit.cli import main as cli_main
-from mlx_evit.cli.main import COMMANDS, main
+from mlx_evit.cli.commands import main as cli_main
+from mlx_evit.cli.commands import COMMANDS, main
 
 
 def test_version_and_help(capsys):

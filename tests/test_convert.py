@@ -43,7 +43,7 @@ from mlx_evit.errors import ConversionError
 from mlx_evit.ops.dtypes import cast_model
 from mlx_evit.loading.identify import detect_model
 from mlx_evit.loading.model_dir import is_model_dir
-from mlx_evit.cli.convert import main
+from mlx_evit.cli.convert_command import main
 from mlx_evit.models.registry import build_model, list_models
 from mlx.utils import tree_flatten
 
@@ -642,5 +642,5 @@ def test_console_script_is_declared():
     from importlib.metadata import entry_points
 
     (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "mlx-evit-convert"]
-    assert ep.value == "mlx_evit.cli.convert:main" and ep.load() is main  # mlx_evit.convert.main is the same
+    assert ep.value == "mlx_evit.cli.convert_command:main" and ep.load() is main  # mlx_evit.convert.main is the same
     assert set(SUPPORTED) <= set(list_models())

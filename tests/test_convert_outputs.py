@@ -15,7 +15,7 @@ from mlx_evit.errors import ConversionError
 
 from mlx_evit import convert
 
-from mlx_evit.cli.convert import main
+from mlx_evit.cli.convert_command import main
 
 
 @pytest.fixture(scope="module")

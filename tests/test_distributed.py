@@ -119,7 +119,7 @@ WRAPPER = textwrap.dedent("""
                 time.sleep(3600)
             return original(path)
         loading.load_image = load_image
-    from mlx_evit.cli.evaluate import main
+    from mlx_evit.cli.evaluate_command import main
     sys.exit(main(rest))
 """)
 
@@ -247,7 +247,7 @@ def test_ranks_must_see_the_same_files(model_dir, images, tmp_path):
     code = textwrap.dedent(f"""
         import os, sys
         import mlx_evit
-        from mlx_evit.cli.evaluate import main
+        from mlx_evit.cli.evaluate_command import main
         data = {str(images)!r} if os.environ["MLX_RANK"] == "0" else {str(other)!r}
         sys.exit(main([data, "--weights", {str(model_dir)!r}, "--skip-errors"]))
     """)

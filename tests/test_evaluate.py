@@ -26,7 +26,7 @@ import mlx_evit  # before mlx.core
 from mlx_evit.tasks.evaluation import (Dataset, Evaluation, EvaluationError, find_dataset, map_classes,
                                read_class_map)
 from mlx_evit.tasks.labels import Label, imagenet_labels
-from mlx_evit.tasks.preprocess import eval_transform
+from mlx_evit.tasks.transforms import eval_transform
 
 import mlx.core as mx
 

@@ -29,7 +29,7 @@ from PIL import Image
 import mlx_evit  # before mlx.core
 from mlx_evit.classify import Classifier
 from mlx_evit.tasks.labels import imagenet_labels
-from mlx_evit.tasks.preprocess import eval_transform, load_image
+from mlx_evit.tasks.transforms import eval_transform, load_image
 
 import mlx.core as mx
 import mlx.nn as nn

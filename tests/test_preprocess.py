@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import mlx_evit
-from mlx_evit.tasks.preprocess import (
+from mlx_evit.tasks.transforms import (
     CROP_MODES,
     EvalTransform,
     ImageLoadError,

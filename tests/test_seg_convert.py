@@ -12,7 +12,7 @@ import mlx.core as mx
 
 import mlx_evit
 import synthetic
-from mlx_evit.cli.convert import main as convert_main
+from mlx_evit.cli.convert_command import main as convert_main
 
 FIXTURE = "seg_b0_city_128x128"
 B0 = "efficientvit_seg_b0_cityscapes"

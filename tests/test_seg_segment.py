@@ -17,7 +17,7 @@ import mlx.core as mx
 
 import mlx_evit
 import synthetic
-from mlx_evit.cli.segment import label_file_for, main, output_names
+from mlx_evit.cli.segment_command import label_file_for, main, output_names
 from mlx_evit.tasks.segmenter import (IGNORE, IoUMeter, Segmenter, SegmenterError, cv2_resize_cubic, get_dataset,
                               input_size_for)
 
@@ -395,7 +395,7 @@ def test_readme_offline_block_runs_verbatim(tmp_path):
 
 
 def test_segment_is_a_subcommand_of_python_m_mlx_evit(capsys):
-    from mlx_evit.cli.main import main as mlx_evit_main
+    from mlx_evit.cli.commands import main as mlx_evit_main
 
     assert mlx_evit_main(["segment", "--help"]) == 0
     assert "--labels-dir" in capsys.readouterr().out

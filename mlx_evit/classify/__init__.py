@@ -1,4 +1,4 @@
-"""``python -m mlx_evit.classify`` (the command: :mod:`mlx_evit.cli.classify`), and the classifier's names.
+"""``python -m mlx_evit.classify`` (the command: :mod:`mlx_evit.cli.classify_command`), and the classifier's names.
 
 The library lives in :mod:`mlx_evit.tasks.classifier`; this package only
 re-exports it under the import path the README documents

@@ -29,7 +29,7 @@ from mlx_evit.errors import ConversionError, mismatch_parts
 from mlx_evit.models.keymap import KeyMap
 from mlx_evit.models.registry import get_entry, list_models, split_name
 
-__all__ = ["Match", "candidates", "layouts_of", "match", "identify", "verify", "config_tag", "detect_model"]
+__all__ = ["Match", "candidates", "layouts_of", "match", "identify_checkpoint", "verify", "config_tag", "detect_model"]
 
 Shapes = Mapping[str, Sequence[int]]
 
@@ -160,7 +160,7 @@ def _config_architecture(config: Optional[Mapping[str, Any]]) -> Optional[str]:
     return arch if isinstance(arch, str) and arch else None
 
 
-def identify(shapes: Shapes, config: Optional[Mapping[str, Any]] = None, *, source: str = "checkpoint",
+def identify_checkpoint(shapes: Shapes, config: Optional[Mapping[str, Any]] = None, *, source: str = "checkpoint",
              config_path: Optional[str] = None, among: Optional[Iterable[str]] = None) -> Match:
     """The one exact :class:`Match` among the candidates, else a one-line :class:`ConversionError`.
 
@@ -231,7 +231,7 @@ def verify(name: str, shapes: Shapes, *, source: str = "checkpoint") -> KeyMap:
 def looks_like(shapes: Shapes, not_arch: str) -> str:
     """``"; it looks like X"`` when the checkpoint is exactly another architecture X, else ``""``."""
     try:
-        other = identify(shapes)
+        other = identify_checkpoint(shapes)
     except ConversionError:
         return ""
     return f"; it looks like {other.arch}" if other.arch != split_name(not_arch)[0] else ""
@@ -263,7 +263,7 @@ def detect_model(tensors: Mapping[str, Any], info: Any = None, *, candidates: Op
     """
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     config = getattr(info, "config", None)
-    found = identify(shapes, config, source=str(getattr(info, "path", "checkpoint")),
+    found = identify_checkpoint(shapes, config, source=str(getattr(info, "path", "checkpoint")),
                      config_path=getattr(info, "config_path", None), among=candidates)
     tag = config_tag(config, found.arch)
     return f"{found.arch}.{tag}" if tag else found.arch

@@ -166,7 +166,7 @@ def _open_checkpoint(path: PathLike, name: Optional[str], num_classes: Optional[
         layout = ident.verify(name, shapes, source=info.path)
         found = ident.match(arch, shapes, layout) if num_classes is None else None
     else:
-        found = ident.identify(shapes, info.config, source=info.path, config_path=info.config_path)
+        found = ident.identify_checkpoint(shapes, info.config, source=info.path, config_path=info.config_path)
         arch, tag, layout = found.arch, None, found.layout
     if num_classes is None and found is not None:
         num_classes = found.num_classes

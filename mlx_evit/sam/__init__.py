@@ -1,4 +1,4 @@
-"""``python -m mlx_evit.sam`` (the command: :mod:`mlx_evit.cli.sam`), and EfficientViT-SAM's names.
+"""``python -m mlx_evit.sam`` (the command: :mod:`mlx_evit.cli.sam_command`), and EfficientViT-SAM's names.
 
 The model is :mod:`mlx_evit.models.sam_model`; the task objects are
 :mod:`mlx_evit.tasks.sam_predictor` and :mod:`mlx_evit.tasks.mask_generator`.

@@ -1,8 +1,8 @@
-"""``python -m mlx_evit.sam``: see :mod:`mlx_evit.cli.sam`."""
+"""``python -m mlx_evit.sam``: see :mod:`mlx_evit.cli.sam_command`."""
 
 import sys
 
-from mlx_evit.cli.sam import main
+from mlx_evit.cli.sam_command import main
 
 if __name__ == "__main__":
     sys.exit(main())

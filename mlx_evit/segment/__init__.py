@@ -1,4 +1,4 @@
-"""``python -m mlx_evit.segment`` (the command: :mod:`mlx_evit.cli.segment`), and the segmenter's names.
+"""``python -m mlx_evit.segment`` (the command: :mod:`mlx_evit.cli.segment_command`), and the segmenter's names.
 
 The library lives in :mod:`mlx_evit.tasks.segmenter`; this package only
 re-exports it (``from mlx_evit.segment import Segmenter``).

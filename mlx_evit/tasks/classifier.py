@@ -1,10 +1,10 @@
 """The image classifier library: :class:`Classifier` (a prepared model + preprocessing + labels) and its inputs.
 
-Each image goes through its tag's own eval transform (:mod:`mlx_evit.tasks.preprocess`,
+Each image goes through its tag's own eval transform (:mod:`mlx_evit.tasks.transforms`,
 identical to timm's), images are batched, and the scores are softmax
 probabilities over the model's classes. :func:`expand_inputs` turns files,
 folders and glob patterns into image files. The command line is
-:mod:`mlx_evit.cli.classify`.
+:mod:`mlx_evit.cli.classify_command`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from mlx_evit.ops.dtypes import DTYPE_NAMES
 from mlx_evit.errors import one_line
 from mlx_evit.tasks.inference import prepare
 from mlx_evit.tasks.labels import Label, LabelFileError, imagenet_labels, read_labels
-from mlx_evit.tasks.preprocess import EvalTransform, ImageInput, ImageLoadError, eval_transform, load_image
+from mlx_evit.tasks.transforms import EvalTransform, ImageInput, ImageLoadError, eval_transform, load_image
 from mlx_evit.models.registry import get_pretrained_cfg, split_name
 
 __all__ = [

@@ -39,7 +39,7 @@ import numpy as np
 import mlx.core as mx
 
 from mlx_evit.tasks.classifier import load_pixels
-from mlx_evit.classify import IMAGE_EXTENSIONS, Classifier
+from mlx_evit.tasks.classifier import IMAGE_EXTENSIONS, Classifier
 from mlx_evit.tasks.inference import prepare
 from mlx_evit.tasks.labels import Label
 from mlx_evit.tasks.distributed import RankFailure, Ranks
@@ -51,6 +51,7 @@ __all__ = [
     "ImageFailed",
     "RankFailure",
     "Ranks",
+    "evaluate_classifier",
     "evaluate",
     "find_dataset",
     "map_classes",
@@ -469,7 +470,7 @@ def _json_float(value: float) -> Optional[float]:
 # ---------------------------------------------------------------- evaluation
 
 
-def evaluate(
+def evaluate_classifier(
     classifier: Classifier,
     dataset: Dataset,
     class_indices: Optional[Sequence[int]] = None,
@@ -577,3 +578,7 @@ def evaluate(
     seconds = time.perf_counter() - start
     return Evaluation(dataset, class_indices, labels, top_indices, top_scores, status, dict(sorted(errors.items())),
                       seconds, ranks.size, classifier.name, {"batch_size": batch_size, "dtype": str(classifier.dtype).rsplit(".", 1)[-1]})
+
+
+evaluate = evaluate_classifier
+"""The name the README has always used (``from mlx_evit.evaluate import evaluate``)."""

@@ -32,7 +32,7 @@ from PIL import Image
 
 from mlx_evit.api import load, pretrained_weights
 from mlx_evit.tasks.inference import prepare
-from mlx_evit.tasks.preprocess import ImageLoadError, load_image, to_rgb
+from mlx_evit.tasks.transforms import ImageLoadError, load_image, to_rgb
 from mlx_evit.models.registry import IMAGENET_MEAN, IMAGENET_STD, get_pretrained_cfg, split_name
 from mlx_evit.ops.resampling import resize, resize_argmax
 from mlx_evit.ops.cv2_resampling import cv2_resize_cubic

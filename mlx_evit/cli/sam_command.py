@@ -143,10 +143,10 @@ def _log(args: argparse.Namespace) -> Callable[[str], None]:
 
 
 def _load_model(args: argparse.Namespace, error: Callable[[str], None]):
-    from mlx_evit import load
+    from mlx_evit.api import load
     from mlx_evit.loading.hub import HubError
     from mlx_evit.models.registry import get_entry
-    from mlx_evit.sam import EfficientViTSam
+    from mlx_evit.models.sam_model import EfficientViTSam
 
     name = args.model or (None if args.weights else DEFAULT_MODEL)
     if name is not None:
@@ -218,7 +218,7 @@ def _box_xyxy(mask: np.ndarray) -> Optional[list[int]]:
 
 def _run(args: argparse.Namespace, error: Callable[[str], None]) -> int:
     from mlx_evit.outputs import OutputError, check_output_dir
-    from mlx_evit.tasks.preprocess import ImageLoadError, load_image
+    from mlx_evit.tasks.transforms import ImageLoadError, load_image
 
     if args.everything and (args.point or args.box):
         error("--everything takes no --point or --box prompts")
@@ -250,7 +250,8 @@ def _run(args: argparse.Namespace, error: Callable[[str], None]) -> int:
     net = _load_model(args, error)
     if net is None:
         return EXIT_USAGE
-    from mlx_evit.sam import SamAutomaticMaskGenerator, SamPredictor
+    from mlx_evit.tasks.mask_generator import SamAutomaticMaskGenerator
+    from mlx_evit.tasks.sam_predictor import SamPredictor
 
     log = _log(args)
     predictor = SamPredictor(net)

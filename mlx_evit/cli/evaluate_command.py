@@ -71,7 +71,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mlx_evit.classify import DEFAULT_MODEL
+    from mlx_evit.tasks.classifier import DEFAULT_MODEL
     from mlx_evit.tasks.distributed import DEFAULT_TIMEOUT
 
     p = argparse.ArgumentParser(prog=PROG, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -155,7 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(args: argparse.Namespace, ranks, error: Callable[[str], None]) -> int:
-    from mlx_evit.classify import Classifier, ClassifierError
+    from mlx_evit.tasks.classifier import Classifier, ClassifierError
     from mlx_evit.tasks.evaluation import EvaluationError, ImageFailed, check_output, evaluate, find_dataset, map_classes, read_class_map
     from mlx_evit.tasks.distributed import RankFailure
     from mlx_evit.loading.hub import HubError

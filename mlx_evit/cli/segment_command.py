@@ -224,9 +224,9 @@ def _load(args: argparse.Namespace, error: Callable[[str], None]):
 
 
 def _segment(args: argparse.Namespace, error: Callable[[str], None]) -> int:
-    from mlx_evit.classify import expand_inputs
+    from mlx_evit.tasks.classifier import expand_inputs
     from mlx_evit.outputs import OutputError, check_output_dir
-    from mlx_evit.tasks.preprocess import ImageLoadError, load_image
+    from mlx_evit.tasks.transforms import ImageLoadError, load_image
 
     if args.labels_dir or args.output:
         error("--labels-dir and --output belong to --eval")
@@ -290,7 +290,7 @@ def _segment(args: argparse.Namespace, error: Callable[[str], None]) -> int:
 
 
 def _evaluate(args: argparse.Namespace, error: Callable[[str], None]) -> int:
-    from mlx_evit.classify import IMAGE_EXTENSIONS
+    from mlx_evit.tasks.classifier import IMAGE_EXTENSIONS
     from mlx_evit.outputs import OutputError, check_output_file
 
     if args.inputs:

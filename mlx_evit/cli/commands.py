@@ -24,11 +24,11 @@ __all__ = ["COMMANDS", "main", "build_parser"]
 PROG = "python -m mlx_evit"
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "classify": ("mlx_evit.cli.classify", "classify images (python -m mlx_evit.classify)"),
-    "convert": ("mlx_evit.cli.convert", "convert a checkpoint to an MLX model directory (mlx-evit-convert)"),
-    "evaluate": ("mlx_evit.cli.evaluate", "accuracy on a folder of class subfolders (python -m mlx_evit.evaluate)"),
-    "segment": ("mlx_evit.cli.segment", "semantic segmentation of images (python -m mlx_evit.segment)"),
-    "sam": ("mlx_evit.cli.sam", "segment an image from points/boxes, or everything (python -m mlx_evit.sam)"),
+    "classify": ("mlx_evit.cli.classify_command", "classify images (python -m mlx_evit.classify)"),
+    "convert": ("mlx_evit.cli.convert_command", "convert a checkpoint to an MLX model directory (mlx-evit-convert)"),
+    "evaluate": ("mlx_evit.cli.evaluate_command", "accuracy on a folder of class subfolders (python -m mlx_evit.evaluate)"),
+    "segment": ("mlx_evit.cli.segment_command", "semantic segmentation of images (python -m mlx_evit.segment)"),
+    "sam": ("mlx_evit.cli.sam_command", "segment an image from points/boxes, or everything (python -m mlx_evit.sam)"),
 }
 """Subcommand -> (module with ``main(argv)``, summary). Adding a command is one line here."""
 
