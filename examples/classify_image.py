@@ -8,7 +8,7 @@
 import argparse
 
 import mlx_evit  # import before mlx.core (it sets up BLAS)
-from mlx_evit.loading.hub import HubError
+from mlx_evit.errors import HubError
 from mlx_evit.tasks.labels import imagenet_labels
 from mlx_evit.tasks.transforms import preprocess
 

@@ -25,7 +25,8 @@ import json
 import os
 
 import mlx_evit  # import before mlx.core (it sets up BLAS)
-from mlx_evit.loading.hub import HubError, pretrained_dir
+from mlx_evit.api import pretrained_weights
+from mlx_evit.errors import HubError
 from mlx_evit.tasks.inference import prepare
 from mlx_evit.tasks.labels import imagenet_labels
 from mlx_evit.ops.dtypes import DTYPE_NAMES
@@ -66,7 +67,7 @@ def main() -> None:
     if args.batch_size < 1 or (args.image_size is not None and args.image_size < 1):
         parser.error("--batch-size and --image-size must be positive")
     try:
-        model = mlx_evit.load(args.weights or pretrained_dir(args.model))
+        model = mlx_evit.load(args.weights or pretrained_weights(args.model))
         cfg = dict(model.pretrained_cfg or {})
         if args.image_size:
             cfg["input_size"] = (3, args.image_size, args.image_size)

@@ -20,7 +20,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import mlx_evit  # import before mlx.core (it sets up BLAS)
-from mlx_evit.loading.hub import HubError, pretrained_dir
+from mlx_evit.api import pretrained_weights
+from mlx_evit.errors import HubError
 from mlx_evit.tasks.transforms import eval_transform, load_image
 
 import mlx.core as mx
@@ -82,7 +83,7 @@ def main() -> None:
     parser.add_argument("--output", "-o", default="features.png", help="PNG to write (default features.png)")
     args = parser.parse_args()
     try:
-        model = mlx_evit.load(args.weights or pretrained_dir(args.model))
+        model = mlx_evit.load(args.weights or pretrained_weights(args.model))
         cfg = dict(model.pretrained_cfg or {})
         if args.image_size:
             cfg["input_size"] = (3, args.image_size, args.image_size)

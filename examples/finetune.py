@@ -54,7 +54,8 @@ from PIL import Image
 import mlx_evit  # first: it sets up BLAS for mlx.core
 from mlx_evit.ops.backend import default_device_is_gpu
 from mlx_evit.tasks.distributed import RankFailure, Ranks, shard_bounds
-from mlx_evit.loading.hub import HubError, pretrained_dir
+from mlx_evit.api import pretrained_weights
+from mlx_evit.errors import HubError
 from mlx_evit.outputs import check_output_dir
 from mlx_evit.tasks.transforms import INTERPOLATIONS, ImageLoadError, eval_transform, load_image
 from mlx_evit.models.registry import IMAGENET_MEAN, IMAGENET_STD, PREPROCESSING_KEYS, get_entry
@@ -209,7 +210,7 @@ def build_model(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, 
         return model, dict(DEFAULT_CFG, input_size=(3, size, size))
     weights = args.weights
     if weights is None and "." in args.model:  # a pretrained tag: timm's weights from the Hub
-        weights = pretrained_dir(args.model, log=lambda message: print(message, file=sys.stderr))
+        weights = pretrained_weights(args.model, log=lambda message: print(message, file=sys.stderr))
     if weights is None:
         name, arch, base = args.model, dict(get_entry(args.model).defaults), None
         pretrained = mlx_evit.get_pretrained_cfg(name)

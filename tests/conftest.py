@@ -1,4 +1,4 @@
-"""Shared pytest setup: markers, and mlx_evit imported before any test imports mlx.core.
+"""Shared pytest setup: the markers.
 
 Markers (registered in pyproject.toml): ``parity`` (agreement with code
 nobody here wrote, or with its fixtures; must pass under
@@ -8,7 +8,6 @@ nobody here wrote, or with its fixtures; must pass under
 list stays in one place.
 """
 
-import mlx_evit  # noqa: F401  (first: it loads the fast BLAS before mlx.core is imported)
 import pytest
 
 SLOW = (

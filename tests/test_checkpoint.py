@@ -34,7 +34,7 @@ from mlx_evit.loading.checkpoint import CheckpointError, read_checkpoint, read_s
 
 torch.set_num_threads(2)
 
-MODULE = Path(__file__).resolve().parents[1] / "mlx_evit" / "checkpoint.py"
+MODULE = Path(__file__).resolve().parents[1] / "mlx_evit" / "loading" / "checkpoint.py"
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import mlx_evit
-from mlx_evit.cli.commands import main as cli_main
+from mlx_evit.cli import commands as cli_main
 from mlx_evit.cli.commands import COMMANDS, main
 
 

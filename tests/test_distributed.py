@@ -187,7 +187,7 @@ def test_a_dying_rank_fails_the_run_before_anything_is_written(model_dir, images
     # Under the launcher: rank 1 dies loading its third batch; rank 0 says why it stops, nothing is written.
     proc = launch(args)
     assert "Node with rank 1 exited with code 9" in proc.stderr
-    assert "mlx_evit.tasks.evaluation: rank 0: error:" in proc.stderr and "nothing written" in proc.stderr
+    assert "mlx_evit.evaluate: rank 0: error:" in proc.stderr and "nothing written" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
     # Without it, rank 0's own exit status says so too.
     rank0, rank1 = ranks_directly(args, tmp_path)
