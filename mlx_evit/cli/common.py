@@ -152,8 +152,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if (not action.option_strings or "default" in text or default in (None, False, argparse.SUPPRESS)
-                or default == [] or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+        if (not action.option_strings or "default" in text or default is None or default is False
+                or default == argparse.SUPPRESS or (isinstance(default, list) and not default)
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
             return text
         return f"{text} (default: %(default)s)"
 
@@ -365,7 +366,8 @@ def model_name(name: str, kind: str, option: str = "--model") -> str:
     except ValueError:
         close = difflib.get_close_matches(bare, names, n=5, cutoff=0.5)
         hint = f"; did you mean: {', '.join(close)}?" if close else ""
-        raise UsageError(f"{option} {name}: unknown model{hint} (python -m mlx_evit list)") from None
+        where = f"{option}: " if option else ""
+        raise UsageError(f"{where}unknown model {name!r}{hint} (python -m mlx_evit list)") from None
     if entry.family not in families:
         archs = [n for n in names if "." not in n]
         raise UsageError(f"{option} {name}: a {_KIND[entry.family]} model; this command takes "

@@ -120,7 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("\n".join(names))
         return EXIT_OK
     try:
-        print(_info(model_name(args.name, "any", option="NAME")))
+        print(_info(model_name(args.name, "any", option="")))
     except UsageError as e:
         console.error(e)
         return EXIT_USAGE
