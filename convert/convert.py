@@ -2,12 +2,12 @@
 """Convert an EfficientViT PyTorch/safetensors checkpoint to an MLX model directory.
 
 Same as the installed ``mlx-evit-convert`` command; the logic lives in
-:mod:`mlx_evit.convert`. Run ``python convert/convert.py --help``.
+:mod:`mlx_evit.cli.convert`. Run ``python convert/convert.py --help``.
 """
 
 import sys
 
-from mlx_evit.convert import main
+from mlx_evit.cli.convert import main
 
 if __name__ == "__main__":
     sys.exit(main())
