@@ -131,7 +131,7 @@ def test_accuracy_figures_match_the_python_api(digits, tmp_path):
         assert counts[folder] == [predicted.count(c) for c in columns]
     assert "1 rank" in proc.stdout and "evaluated 30 images" in proc.stdout
     assert f"top-1 {100 * summary['top1']:.1f}%" in proc.stdout
-    assert "evaluated 30/30 images on 1 rank" in proc.stderr  # progress (not a terminal: plain lines)
+    assert "read 30/30 images on 1 rank" in proc.stderr  # progress (not a terminal: plain lines)
 
 
 # ------------------------------------------------------------------------------------------ class mapping
@@ -296,7 +296,8 @@ def test_output_folder_is_checked_before_the_work(seed_model, tmp_path):
     out.mkdir()
     (out / "mine.txt").write_text("keep")
     proc = evaluate_cli(data, "--weights", seed_model, "--output", out, check=False)
-    assert proc.returncode == 2 and "already exists" in proc.stderr and "--force" in proc.stderr
+    # --force cannot help here, so it is not suggested (issue 25)
+    assert proc.returncode == 2 and "not an evaluation output folder" in proc.stderr and "--force" not in proc.stderr
     proc = evaluate_cli(data, "--weights", seed_model, "--output", out, "--force", check=False)
     assert proc.returncode == 2 and "not an evaluation output folder" in proc.stderr
     proc = evaluate_cli(data, "--weights", seed_model, "--output", data / "report", check=False)
