@@ -409,3 +409,48 @@ def test_exit_statuses_are_documented_once():
         for code in (0, 1, 2, 3, 130):
             assert f"  {code:<5}{common.EXIT_STATUSES[code][:20]}" in text, (name, code)
     assert json.dumps(common.EXIT_STATUSES)
+
+
+@pytest.mark.parametrize("where", ["generate", "constructor", "none"])
+def test_sam_everything_shows_progress_through_the_generator(where, tmp_path, capsys, monkeypatch):
+    """The bar is fed by the mask generator's ``progress`` callback, in generate() or the constructor."""
+    import mlx_evit.sam
+    from mlx_evit.cli import sam as sam_cli
+
+    calls = []
+
+    class Generator:
+        def __init__(self, predictor, progress=None, **options):
+            calls.append(("options", options))
+            self.progress = progress
+
+        def generate(self, image, progress=None):
+            report = progress or self.progress
+            for i in range(1, 5):
+                report(i, 4)
+            return []
+
+    class Plain:
+        def __init__(self, predictor, **options):
+            pass
+
+        def generate(self, image):
+            return []
+
+    if where == "constructor":
+        Generator.generate = lambda self, image: [self.progress(i, 4) for i in range(1, 5)] and []
+    if where == "generate":
+        Generator.__init__ = lambda self, predictor, **options: calls.append(("options", options))
+    monkeypatch.setattr(mlx_evit.sam, "SamAutomaticMaskGenerator", Plain if where == "none" else Generator)
+    monkeypatch.setattr(mlx_evit.sam, "SamPredictor", lambda net: object())
+    monkeypatch.setattr(sam_cli, "_load_model", lambda args, console: SimpleNamespace(arch_name="efficientvit_sam_l0"))
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    code = sam_cli.main([str(tmp_path / "a.png"), "--everything", "--points-per-batch", "8", "-o",
+                         str(tmp_path / "o"), "--progress"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    if where == "none":
+        assert "100.0%" not in err
+    else:
+        assert "100.0%" in err and calls[0][1]["points_per_batch"] == 8
+    assert json.loads((tmp_path / "o" / "a.json").read_text())["masks"] == []

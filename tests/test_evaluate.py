@@ -132,6 +132,12 @@ def test_accuracy_figures_match_the_python_api(digits, tmp_path):
     assert "1 rank" in proc.stdout and "evaluated 30 images" in proc.stdout
     assert f"top-1 {100 * summary['top1']:.1f}%" in proc.stdout
     assert "read 30/30 images on 1 rank" in proc.stderr  # progress (not a terminal: plain lines)
+    # --format json: the summary on stdout is what summary.json holds (issue 25); -q: nothing on stderr
+    proc = evaluate_cli(data, "--weights", model_dir, "--format", "json", "-q", "--batch-size", "7")
+    printed = json.loads(proc.stdout)
+    assert {k: v for k, v in printed.items() if k not in ("seconds", "images_per_second")} == {
+        k: v for k, v in summary.items() if k not in ("seconds", "images_per_second")}
+    assert "read " not in proc.stderr and "evaluated" not in proc.stderr
 
 
 # ------------------------------------------------------------------------------------------ class mapping

@@ -289,15 +289,18 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, console: Con
     name = Path(args.image).stem or "image"
     start = time.perf_counter()
     if args.everything:
-        generator = SamAutomaticMaskGenerator(
-            predictor, points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
-            pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_thresh,
-            crop_n_layers=args.crop_layers)
+        options = dict(points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
+                       pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_thresh,
+                       crop_n_layers=args.crop_layers)
         progress = _Progress(sys.stderr, console.show_progress())
+        # The generator's progress callback, wherever this version of the library takes it (if at all).
+        if _accepts_progress(SamAutomaticMaskGenerator):
+            options["progress"] = progress
+        generator = SamAutomaticMaskGenerator(predictor, **options)
         try:
-            if _accepts_progress(generator.generate):
+            if "progress" not in options and _accepts_progress(generator.generate):
                 records = generator.generate(image, progress=progress)
-            else:  # a mask generator without progress reports
+            else:
                 records = generator.generate(image)
         finally:
             progress.close()
