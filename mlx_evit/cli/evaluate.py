@@ -46,9 +46,9 @@ PROG = "python -m mlx_evit.evaluate"
 
 _EPILOG = """\
 data:
-  DIR/<class>/<image>: one subfolder per class (images in nested folders
-  count for their class; files directly in DIR are ignored). A folder maps
-  to a model class by a --class-map entry, else by WordNet id (n01440764),
+  DATA_DIR/<class>/<image>: one subfolder per class (images in nested
+  folders count for their class; files directly in DATA_DIR are ignored).
+  A folder maps to a model class by a --class-map entry, else by WordNet id (n01440764),
   else by label name (case, spaces and underscores ignored), else by a
   WordNet synonym of the label. A fine-tuned model's own class names match
   its training folders. Every folder must map, else the run stops at once
@@ -72,9 +72,9 @@ format (--format): the summary on stdout as text, or as json (what
   summary.json holds).
 
 several processes or Macs (mlx.launch, see the README):
-  mlx.launch -n 2 python -m mlx_evit.evaluate DIR --weights MODEL_DIR
+  mlx.launch -n 2 python -m mlx_evit.evaluate DATA_DIR --weights MODEL_DIR
   mlx.launch --hostfile hosts.json --backend ring python -m mlx_evit.evaluate ...
-  Every rank needs DIR and the weights at the same path. A rank that fails
+  Every rank needs DATA_DIR and the weights at the same path. A rank that fails
   stops all of them before anything is written; mlx.launch itself exits 0
   even then, so check the "evaluated ... on N ranks" line or summary.json.
 
@@ -97,7 +97,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
     p = command_parser(prog or prog_name("evaluate"), "Evaluate a classifier on a labelled image folder (one "
                        "subfolder per class): top-1, top-5, per-class accuracy, throughput.", _EPILOG)
-    p.add_argument("data", metavar="DIR", help="folder with one subfolder of images per class")
+    p.add_argument("data", metavar="DATA_DIR", help="folder with one subfolder of images per class")
     add_model_options(p, "classify", model_default=DEFAULT_MODEL,
                       weights_help="MLX model folder (e.g. from examples/finetune.py), timm folder or checkpoint "
                                    "file (default: the model's published weights, downloaded once and cached)")
