@@ -56,6 +56,9 @@ was typed; :func:`refuse` rejects options that do not apply; raise
 :class:`UsageError` (exit 2) or :class:`InputError` (exit 1) with a
 one-line message, or use ``console.error``/``console.log``/``console.warn``.
 :func:`model_name` checks ``--model`` against the command's family.
+
+The module is over 500 lines on purpose: the convention, the parser that
+enforces it and the checks commands run are one place a new command imports.
 """
 
 from __future__ import annotations
