@@ -199,7 +199,8 @@ def test_output_file_is_written_atomically(b0, capsys, tmp_path):
     before = target.read_bytes()
     bad = tmp_path / "bad.jpg"
     bad.write_text("not an image")
-    code, _, err = _run_cli("inprocess", [str(PHOTOS[0]), str(bad), "--weights", str(b0), "-o", str(target)], capsys)
+    code, _, err = _run_cli("inprocess", [str(PHOTOS[0]), str(bad), "--weights", str(b0), "-o", str(target),
+                                          "--force"], capsys)
     assert code == 1 and "bad.jpg" in err
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jpg", "results.csv"]

@@ -87,6 +87,8 @@ def test_symlink_is_written_through(weights, photos, capsys, tmp_path):
     link = tmp_path / "link.csv"
     link.symlink_to(real)
     code, out, err = run(capsys, photos["good"], "-w", weights, "-o", link)
+    assert code == 2 and "--force" in err and real.read_text() == "old\n"  # replaced only with --force (issue 25)
+    code, out, err = run(capsys, photos["good"], "-w", weights, "-o", link, "--force")
     assert code == 0, err
     assert link.is_symlink() and os.readlink(link) == str(real)
     rows = list(csv.DictReader(real.open(newline="")))
@@ -139,13 +141,13 @@ def test_replaced_output_keeps_mode_and_hard_links(weights, photos, capsys, tmp_
     os.chmod(out, 0o600)
     other = tmp_path / "other-name.txt"
     os.link(out, other)
-    code, _, err = run(capsys, photos["good"], "-w", weights, "-o", out)
+    code, _, err = run(capsys, photos["good"], "-w", weights, "-o", out, "--force")
     assert code == 0, err
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     assert out.stat().st_nlink == 2 and other.read_text() == out.read_text()
     assert str(photos["good"]) in other.read_text()
     os.unlink(other)
-    code, _, err = run(capsys, photos["good"], "-w", weights, "-o", out, "-f", "json")
+    code, _, err = run(capsys, photos["good"], "-w", weights, "-o", out, "-f", "json", "--force")
     assert code == 0, err
     assert stat.S_IMODE(out.stat().st_mode) == 0o600 and json.loads(out.read_text())
 
@@ -208,6 +210,6 @@ def test_missing_input_without_skip_errors_is_valid_json(weights, photos, capsys
 def test_a_stopped_run_leaves_the_output_file(weights, photos, capsys, tmp_path):
     out = tmp_path / "results.json"
     out.write_text("[]\n")
-    code, _, _ = run(capsys, photos["good"], photos["bad"], "-w", weights, "-o", out)
+    code, _, _ = run(capsys, photos["good"], photos["bad"], "-w", weights, "-o", out, "--force")
     assert code == 1 and out.read_text() == "[]\n"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

@@ -300,7 +300,7 @@ def test_model_option_verifies_the_checkpoint(b0, tmp_path, capsys):
     assert main([str(path), str(tmp_path / "m0"), "--model", "efficientvit_m0"]) == 1
     err = capsys.readouterr().err
     assert "does not fit efficientvit_m0" in err and "it looks like efficientvit_b0" in err
-    assert main([str(path), str(tmp_path / "nope"), "--model", "efficientvit_b9"]) == 1
+    assert main([str(path), str(tmp_path / "nope"), "--model", "efficientvit_b9"]) == 2  # usage (issue 25)
     assert "unknown model 'efficientvit_b9'" in capsys.readouterr().err
     assert not any(p.name != "ok" for p in tmp_path.iterdir())
 
@@ -575,7 +575,7 @@ def test_existing_output_needs_force(b0, tmp_path, capsys):
 
 
 def _cli_refuses_existing(src: Path, out: Path, capsys, *extra: str) -> str:
-    assert main([str(src), str(out), "-q", *extra]) == 1
+    assert main([str(src), str(out), "-q", *extra]) == 2  # the output is refused: a usage error (issue 25)
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     return err

@@ -37,7 +37,7 @@ def test_source_inside_the_replaced_folder_is_refused(tiny, tmp_path, capsys):
     out = _model_dir(tmp_path / "out", tiny)
     src = out / "original.safetensors"
     shutil.copy(tiny / "model.safetensors", src)
-    assert main([str(src), str(out), "--force", "-q"]) == 1
+    assert main([str(src), str(out), "--force", "-q"]) == 2  # output refused: usage (issue 25)
     err = capsys.readouterr().err
     assert "input" in err and str(out) in err and len(err.strip().splitlines()) == 1
     assert src.exists()  # before: --force replaced the folder and deleted the source

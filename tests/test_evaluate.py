@@ -131,7 +131,13 @@ def test_accuracy_figures_match_the_python_api(digits, tmp_path):
         assert counts[folder] == [predicted.count(c) for c in columns]
     assert "1 rank" in proc.stdout and "evaluated 30 images" in proc.stdout
     assert f"top-1 {100 * summary['top1']:.1f}%" in proc.stdout
-    assert "evaluated 30/30 images on 1 rank" in proc.stderr  # progress (not a terminal: plain lines)
+    assert "read 30/30 images on 1 rank" in proc.stderr  # progress (not a terminal: plain lines)
+    # --format json: the summary on stdout is what summary.json holds (issue 25); -q: nothing on stderr
+    proc = evaluate_cli(data, "--weights", model_dir, "--format", "json", "-q", "--batch-size", "7")
+    printed = json.loads(proc.stdout)
+    assert {k: v for k, v in printed.items() if k not in ("seconds", "images_per_second")} == {
+        k: v for k, v in summary.items() if k not in ("seconds", "images_per_second")}
+    assert "read " not in proc.stderr and "evaluated" not in proc.stderr
 
 
 # ------------------------------------------------------------------------------------------ class mapping
@@ -296,7 +302,8 @@ def test_output_folder_is_checked_before_the_work(seed_model, tmp_path):
     out.mkdir()
     (out / "mine.txt").write_text("keep")
     proc = evaluate_cli(data, "--weights", seed_model, "--output", out, check=False)
-    assert proc.returncode == 2 and "already exists" in proc.stderr and "--force" in proc.stderr
+    # --force cannot help here, so it is not suggested (issue 25)
+    assert proc.returncode == 2 and "not an evaluation output folder" in proc.stderr and "--force" not in proc.stderr
     proc = evaluate_cli(data, "--weights", seed_model, "--output", out, "--force", check=False)
     assert proc.returncode == 2 and "not an evaluation output folder" in proc.stderr
     proc = evaluate_cli(data, "--weights", seed_model, "--output", data / "report", check=False)

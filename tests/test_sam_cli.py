@@ -231,11 +231,15 @@ def test_cli_usage_errors(tmp_path):
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(image)
     cases = [
         (["--point", "1,2,7"], "label"),
-        (["--box", "5,5,1,1"], "X0 <= X1"),
+        (["--box", "5,5,1,1"], "X0 < X1"),
+        (["--box", "5,5,5,9"], "non-zero area"),
+        (["--box", "-5,0,9,9"], "not inside the 30x20 image"),
+        (["--point", "-5,10"], "outside"),
+        (["--point", "1,1", "--points-per-side", "8"], "only with --everything"),
         ([], "no prompt"),
         (["--everything", "--point", "1,1"], "--everything"),
         (["--point", "500,2"], "outside"),
-        (["--point", "1,1", "--model", "efficientvit_b0"], "not an EfficientViT-SAM"),
+        (["--point", "1,1", "--model", "efficientvit_b0"], "a classification model; this command takes SAM models"),
     ]
     for extra, needle in cases:
         r = run("-m", "mlx_evit.sam", str(image), *extra, "-o", str(tmp_path / "o"))

@@ -214,7 +214,7 @@ def test_segment_command_safety_and_errors(small_model_dir, tmp_path, capsys):
                        capsys)
     assert code == 2 and "input" in err
     code, _, err = run([*images, "--weights", small_model_dir, "-q"], capsys)
-    assert code == 2 and "--output-dir" in err
+    assert code == 2 and "--output DIR is required" in err
     code, _, err = run([tmp_path / "in", "--weights", small_model_dir, "-o", tmp_path / "o1", "-q"], capsys)
     assert code == 1 and "broken.png" in err
     code, _, err = run([tmp_path / "in", "--weights", small_model_dir, "-o", tmp_path / "o2", "--skip-errors",
@@ -284,10 +284,10 @@ def test_eval_cityscapes_layout(small_model_dir, segmenter, tmp_path, capsys):
         preds.append(pred)
         targets.append(target)
     code, out, err = run(["--eval", images_dir, "--labels-dir", labels_dir, "--weights", small_model_dir,
-                          "--report", "json", "--output", tmp_path / "report.json", "-q"], capsys)
+                          "--report", "json", "--output", tmp_path / "report", "-q"], capsys)
     assert code == 0, err
     report = json.loads(out)
-    assert report == {**json.loads((tmp_path / "report.json").read_text()), "seconds": report["seconds"]}
+    assert report == {**json.loads((tmp_path / "report" / "summary.json").read_text()), "seconds": report["seconds"]}
     iou, acc = expected_report(preds, targets, 19)
     assert report["images"] == 3 and report["dataset"] == "cityscapes"
     assert math.isclose(report["miou"], float(np.mean(list(iou.values()))), rel_tol=1e-12)
@@ -399,3 +399,20 @@ def test_segment_is_a_subcommand_of_python_m_mlx_evit(capsys):
 
     assert mlx_evit_main(["segment", "--help"]) == 0
     assert "--labels-dir" in capsys.readouterr().out
+
+
+def test_a_stopped_segment_run_leaves_no_half_set_of_outputs(small_model_dir, tmp_path, capsys):
+    """Issue 25: a run that stops on a bad image removes the files it created; the rerun needs no --force."""
+    write_images(tmp_path / "in", 2)
+    (tmp_path / "in" / "zz_broken.png").write_bytes(b"not a png")  # after the good ones
+    out = tmp_path / "out"
+    code, _, err = run([tmp_path / "in", "--weights", small_model_dir, "-o", out, "-q"], capsys)
+    assert code == 1 and "zz_broken.png" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    out.mkdir()  # an existing empty folder stays, empty
+    code, _, err = run([tmp_path / "in", "--weights", small_model_dir, "-o", out, "-q"], capsys)
+    assert code == 1 and list(out.iterdir()) == []
+    (tmp_path / "in" / "zz_broken.png").unlink()
+    code, _, err = run([tmp_path / "in", "--weights", small_model_dir, "-o", out, "-q"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["img0.png", "img0_overlay.png", "img1.png", "img1_overlay.png"]

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Optional, Sequence, TextIO
+from typing import Any, Optional, Sequence, TextIO
 
 from mlx_evit.tasks.classifier import (
     DEFAULT_MODEL,
@@ -23,19 +23,31 @@ from mlx_evit.tasks.classifier import (
     ImageFailure,
     expand_inputs,
 )
-from mlx_evit.ops.dtypes import DTYPE_NAMES
 from mlx_evit.errors import HubError
 from mlx_evit.outputs import OutputError, check_output_file
 from mlx_evit.cli.common import (
-    DEBUG_ENV,
     EXIT_FAILED,
-    EXIT_INTERNAL,
-    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
-    error_printer,
-    guarded,
+    Console,
+    UsageError,
+    add_batch_size,
+    add_dtype,
+    add_force,
+    add_format,
+    add_model_options,
+    add_output,
+    add_progress,
+    add_recursive,
+    add_skip_errors,
+    command_parser,
+    exit_status_text,
+    model_name,
+    plural,
     positive_int,
+    prog_name,
+    run_command,
+    weights_path,
 )
 
 __all__ = ["main", "build_parser", "FORMATS", "CSV_COLUMNS"]
@@ -117,11 +129,11 @@ class _Progress:
             width = 30
             filled = int(width * self.done / self.total)
             bar = "#" * filled + "." * (width - filled)
-            self.stream.write(f"\r[{bar}] {self.done}/{self.total} images, {rate:.1f} img/s")
+            self.stream.write(f"\r[{bar}] {self.done}/{plural(self.total, 'image')}, {rate:.1f} img/s")
             if self.done >= self.total:
                 self.stream.write("\n")
         else:
-            self.stream.write(f"classified {self.done}/{self.total} images ({rate:.1f} img/s)\n")
+            self.stream.write(f"classified {self.done}/{plural(self.total, 'image')} ({rate:.1f} img/s)\n")
         self.stream.flush()
 
     def clear(self) -> None:
@@ -152,21 +164,16 @@ output formats (--format):
   scores are softmax probabilities. Unreadable images are reported on stderr
   and, in json/jsonl/csv, as records {{"file", "error"}} (csv: the error column).
 
-output (--output):
-  "-" is stdout. A symbolic link is written through (its target gets the
+output (--output FILE):
+  one file ("-" is stdout, the default). An existing file is replaced only
+  with --force. A symbolic link is written through (its target gets the
   results); a terminal, /dev/null or a FIFO is written, never replaced; an
   input of the run (also through a link) is refused; a replaced file keeps
   its permissions and hard links; files are written atomically. A run that
   stops at an unreadable image (no --skip-errors) leaves an existing output
   file as it was. The target is checked before the model loads.
 
-exit status:
-  {EXIT_OK}    every image was classified (with --skip-errors: at least one was)
-  {EXIT_IMAGES_FAILED}    an image could not be read (the run stops there unless --skip-errors)
-  {EXIT_USAGE}    bad arguments, or the model, weights or labels cannot be loaded
-  {EXIT_INTERNAL}    an unexpected error (a bug: rerun with {DEBUG_ENV}=1 for the traceback)
-  {EXIT_INTERRUPTED}  interrupted
-
+{exit_status_text(notes={EXIT_OK: "with --skip-errors: at least one image was classified"})}
 examples:
   python -m mlx_evit.classify cat.jpg
   python -m mlx_evit.classify photos/ --recursive --format csv --output results.csv
@@ -175,41 +182,23 @@ examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     """The argument parser of ``python -m mlx_evit.classify``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m mlx_evit.classify",
-        description="Classify images with an EfficientViT model (ImageNet-1k labels by default).",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser(prog or prog_name("classify"),
+                            "Classify images with an EfficientViT model (ImageNet-1k labels by default).", _EPILOG)
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder or glob pattern")
-    parser.add_argument(
-        "--model", "-m", metavar="NAME",
-        help=f"registered model name with tag (default: {DEFAULT_MODEL}; with --weights: what the weights say)",
-    )
-    parser.add_argument(
-        "--weights", "-w", metavar="PATH",
-        help="converted MLX model folder, timm/Hub folder or checkpoint file (default: download the tag's weights)",
-    )
-    parser.add_argument("--top-k", "-k", type=positive_int, default=5, metavar="K", help="classes per image (default 5)")
-    parser.add_argument(
-        "--format", "-f", choices=FORMATS, default=None,
-        help="output format (default: from the --output extension, else text)",
-    )
-    parser.add_argument(
-        "--output", "-o", metavar="FILE",
-        help="write the results to FILE (atomically; '-' is stdout) instead of stdout; replaces an existing file",
-    )
-    parser.add_argument("--batch-size", "-b", type=positive_int, default=16, metavar="N", help="images per batch (default 16)")
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="model weights dtype (default float32)")
-    parser.add_argument("--labels", metavar="FILE", help="class names: one per line, or JSON (for fine-tuned models)")
-    parser.add_argument("--recursive", "-r", action="store_true", help="descend into subfolders; '**' in patterns")
-    parser.add_argument(
-        "--skip-errors", action="store_true",
-        help="report unreadable images and go on with the others (exit 0 if any image was classified)",
-    )
-    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar or status messages")
+    add_model_options(parser, "classify", model_default=DEFAULT_MODEL)
+    parser.add_argument("-k", "--top-k", type=positive_int, default=5, metavar="K", help="classes per image")
+    add_format(parser, FORMATS, None, "output format (default: from the --output extension, else text)")
+    add_output(parser, "file", "write the results to FILE (atomically; '-' is stdout) (default: stdout)")
+    add_batch_size(parser)
+    add_dtype(parser)
+    parser.add_argument("--labels", metavar="FILE",
+                        help="class names: one per line, or JSON, for fine-tuned models (default: the model's)")
+    add_recursive(parser)
+    add_force(parser, "replace an existing --output file")
+    add_skip_errors(parser, "report unreadable images and go on with the others (exit 0 if any was classified)")
+    add_progress(parser)
     return parser
 
 
@@ -223,22 +212,23 @@ def _format_for(args: argparse.Namespace) -> str:
     return "text"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     """Entry point of ``python -m mlx_evit.classify`` / ``mlx-evit-classify``; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    error = error_printer(parser.prog)
-    return guarded(lambda: _run(args, _format_for(args), parser.prog, error), error)
+    return run_command(build_parser(prog), argv, lambda args, console: _run(args, _format_for(args), console))
 
 
-def _run(args: argparse.Namespace, fmt: str, prog: str, error: Callable[[str], None]) -> int:
+def _run(args: argparse.Namespace, fmt: str, console: Console) -> int:
     stderr = sys.stderr
+    error = console.error
     files, problems = expand_inputs(args.inputs, args.recursive)
-    try:  # before any long work; classify's --output has always replaced an existing file
-        target = check_output_file(args.output or "-", inputs=_run_inputs(files, args), force=True, option="--output")
+    try:  # before any long work
+        target = check_output_file(args.output or "-", inputs=_run_inputs(files, args), force=args.force,
+                                   option="--output")
     except OutputError as e:
-        error(str(e))
-        return EXIT_USAGE
+        raise UsageError(e) from None
+    model = model_name(args.model, "classify") if args.model else None
+    if args.weights:
+        weights_path(args.weights)
     for problem in problems:
         error(problem.message)
     if problems and not args.skip_errors:
@@ -256,19 +246,11 @@ def _run(args: argparse.Namespace, fmt: str, prog: str, error: Callable[[str], N
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
-
-    def log(message: str) -> None:
-        if not quiet:
-            stderr.write(f"{prog}: {message}\n")
-            stderr.flush()
-
     try:
-        classifier = Classifier.load(
-            args.model, weights=args.weights, dtype=args.dtype, labels=args.labels, log=log
-        )
+        classifier = Classifier.load(model, weights=args.weights, dtype=args.dtype, labels=args.labels,
+                                     log=console.log)
     except (ClassifierError, HubError, ValueError) as e:
-        error(str(e))
-        return EXIT_USAGE
+        raise UsageError(e) from None
 
     try:
         sink = target.open()
@@ -277,7 +259,7 @@ def _run(args: argparse.Namespace, fmt: str, prog: str, error: Callable[[str], N
         return EXIT_USAGE
     writer = _Writer(fmt, sink.stream, classifier.name)
     machine_stdout = fmt != "text" and target.is_stream
-    show = not quiet and len(files) > args.batch_size and (stderr.isatty() or not machine_stdout)
+    show = not quiet and (args.progress or len(files) > args.batch_size and (stderr.isatty() or not machine_stdout))
     progress = _Progress(len(files), stderr, show)
     failed = classified = 0
     try:

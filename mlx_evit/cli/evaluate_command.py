@@ -8,14 +8,37 @@ one process) and writes the outputs. The library is :mod:`mlx_evit.tasks.evaluat
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import sys
 import time
-from typing import Callable, Optional, Sequence, TextIO
+from typing import Optional, Sequence, TextIO
 
-from mlx_evit.ops.dtypes import DTYPE_NAMES
 from mlx_evit.cli.common import EXIT_FAILED as EXIT_IMAGES_FAILED
-from mlx_evit.cli.common import EXIT_OK, EXIT_USAGE, guarded, positive_int
+from mlx_evit.cli.common import (
+    EXIT_OK,
+    EXIT_RANK_FAILED,
+    EXIT_USAGE,
+    Console,
+    UsageError,
+    add_batch_size,
+    add_dtype,
+    add_force,
+    add_format,
+    add_model_options,
+    add_output,
+    add_progress,
+    add_skip_errors,
+    command_parser,
+    exit_status_text,
+    model_name,
+    output_folder,
+    plural,
+    prog_name,
+    run_command,
+    weights_path,
+)
 
 __all__ = ["main", "build_parser"]
 
@@ -23,9 +46,9 @@ PROG = "python -m mlx_evit.evaluate"
 
 _EPILOG = """\
 data:
-  DIR/<class>/<image>: one subfolder per class (images in nested folders
-  count for their class; files directly in DIR are ignored). A folder maps
-  to a model class by a --class-map entry, else by WordNet id (n01440764),
+  DATA_DIR/<class>/<image>: one subfolder per class (images in nested
+  folders count for their class; files directly in DATA_DIR are ignored).
+  A folder maps to a model class by a --class-map entry, else by WordNet id (n01440764),
   else by label name (case, spaces and underscores ignored), else by a
   WordNet synonym of the label. A fine-tuned model's own class names match
   its training folders. Every folder must map, else the run stops at once
@@ -35,29 +58,27 @@ class map (--class-map FILE):
   a JSON object {"folder": class} or lines FOLDER<TAB>CLASS (.csv: two
   columns); a class is a logit index, a WordNet id or a label name.
 
-output (--output OUT_DIR):
+output (-o/--output DIR):
   summary.json     top-1, top-5, per-class and mean per-class accuracy,
                    throughput, ranks, skipped images
   predictions.csv  file, true_class, true_index, top1_correct, top5_correct,
                    pred1_index, pred1_label, pred1_score, ... pred5_*
   confusion.csv    true class (rows) x top-1 prediction (columns; "other":
                    a class outside the data set's)
-  An existing OUT_DIR is replaced only with --force and only if it holds a
+  An existing DIR is replaced only with --force and only if it holds a
   summary.json; it is checked before the model runs.
 
+format (--format): the summary on stdout as text, or as json (what
+  summary.json holds).
+
 several processes or Macs (mlx.launch, see the README):
-  mlx.launch -n 2 python -m mlx_evit.evaluate DIR --weights MODEL_DIR
+  mlx.launch -n 2 python -m mlx_evit.evaluate DATA_DIR --weights MODEL_DIR
   mlx.launch --hostfile hosts.json --backend ring python -m mlx_evit.evaluate ...
-  Every rank needs DIR and the weights at the same path. A rank that fails
+  Every rank needs DATA_DIR and the weights at the same path. A rank that fails
   stops all of them before anything is written; mlx.launch itself exits 0
   even then, so check the "evaluated ... on N ranks" line or summary.json.
 
-exit status:
-  0  done    1  an image could not be read (without --skip-errors), or none could
-  2  bad arguments, data folder, class mapping, model or output
-  3  unexpected error (rerun with MLX_EVIT_DEBUG=1 for the traceback)
-  4  another rank failed, hung or was lost   130  interrupted
-"""
+""" + exit_status_text((0, 1, 2, 3, 4, 130)) + """"""
 
 
 def _positive_float(text: str) -> float:
@@ -70,41 +91,40 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     from mlx_evit.tasks.classifier import DEFAULT_MODEL
     from mlx_evit.tasks.distributed import DEFAULT_TIMEOUT
 
-    p = argparse.ArgumentParser(prog=PROG, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description="Evaluate a classifier on a labelled image folder (one subfolder per "
-                                            "class): top-1, top-5, per-class accuracy, throughput.")
-    p.add_argument("data", metavar="DIR", help="folder with one subfolder of images per class")
-    p.add_argument("--model", "-m", metavar="NAME",
-                   help=f"registered model with tag (default {DEFAULT_MODEL} without --weights; with --weights: "
-                        "checks the architecture, a tag selects its preprocessing)")
-    p.add_argument("--weights", "-w", metavar="PATH", help="MLX model folder (e.g. from examples/finetune.py), "
-                                                           "timm folder or checkpoint file")
-    p.add_argument("--class-map", metavar="FILE", help="folder -> class table (JSON object, or FOLDER<TAB>CLASS lines)")
-    p.add_argument("--labels", metavar="FILE", help="class names of the model (one per line, or JSON)")
-    p.add_argument("--batch-size", "-b", type=positive_int, default=16, metavar="N", help="images per batch (16)")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
-                   help="model dtype (default float32; half precision is for the GPU)")
-    p.add_argument("--skip-errors", action="store_true",
-                   help="report unreadable images, leave them out and count them in the summary")
-    p.add_argument("--output", "-o", metavar="OUT_DIR", help="write summary.json, predictions.csv, confusion.csv")
-    p.add_argument("--force", action="store_true", help="replace the outputs of an earlier evaluation in OUT_DIR")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p = command_parser(prog or prog_name("evaluate"), "Evaluate a classifier on a labelled image folder (one "
+                       "subfolder per class): top-1, top-5, per-class accuracy, throughput.", _EPILOG)
+    p.add_argument("data", metavar="DATA_DIR", help="folder with one subfolder of images per class")
+    add_model_options(p, "classify", model_default=DEFAULT_MODEL,
+                      weights_help="MLX model folder (e.g. from examples/finetune.py), timm folder or checkpoint "
+                                   "file (default: the model's published weights, downloaded once and cached)")
+    add_output(p, "folder", "write summary.json, predictions.csv, confusion.csv into DIR")
+    add_format(p, ("text", "json"), "text", "the summary on stdout")
+    p.add_argument("--class-map", metavar="FILE",
+                   help="folder -> class table (JSON object, or FOLDER<TAB>CLASS lines) (default: none)")
+    p.add_argument("--labels", metavar="FILE", help="class names of the model (one per line, or JSON) "
+                                                    "(default: the model's)")
+    add_batch_size(p)
+    add_dtype(p, "model dtype (half precision is for the GPU)")
+    add_skip_errors(p, "report unreadable images, leave them out and count them in the summary")
+    add_force(p, "replace the outputs of an earlier evaluation in DIR")
+    add_progress(p)
     p.add_argument("--rank-timeout", type=_positive_float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-                   help=f"with several ranks: how long one waits for the others (default {DEFAULT_TIMEOUT:g})")
+                   help="with several ranks: how long one waits for the others")
     return p
 
 
 class _Progress:
     """Progress on stderr: a bar redrawn in place on a terminal, else a line every few seconds."""
 
-    def __init__(self, total: int, ranks: str, stream: TextIO, enabled: bool):
+    def __init__(self, total: int, ranks: str, stream: TextIO, enabled: bool, bar: bool):
         self.total, self.ranks, self.stream, self.enabled = total, ranks, stream, enabled
-        self.tty = enabled and stream.isatty()
+        self.tty = enabled and bar
         self.start = self.last = time.perf_counter()
+        self.skipped = 0
 
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled:
@@ -113,14 +133,18 @@ class _Progress:
         rate = done / max(now - self.start, 1e-9)
         if self.tty:
             filled = int(30 * done / max(total, 1))
-            self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} images on {self.ranks}, "
-                              f"{rate:.1f} img/s")
+            self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{plural(total, 'image')} "
+                              f"on {self.ranks}{self._skipped()}, {rate:.1f} img/s")
             if done >= total:
                 self.stream.write("\n")
         elif done >= total or now - self.last >= 5:
-            self.stream.write(f"evaluated {done}/{total} images on {self.ranks} ({rate:.1f} img/s)\n")
+            self.stream.write(f"read {done}/{plural(total, 'image')} on {self.ranks}{self._skipped()} "
+                              f"({rate:.1f} img/s)\n")
             self.last = now
         self.stream.flush()
+
+    def _skipped(self) -> str:
+        return f" ({self.skipped} unreadable skipped)" if self.skipped else ""
 
     def clear(self) -> None:
         if self.tty:
@@ -128,39 +152,42 @@ class _Progress:
             self.stream.flush()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     """Entry point of ``python -m mlx_evit.evaluate``; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    from mlx_evit.tasks.distributed import EXIT_RANK_FAILED, RankFailure, Ranks
+    parser = build_parser(prog)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    from mlx_evit.tasks.distributed import RankFailure, Ranks
 
     try:
-        ranks = Ranks(timeout=args.rank_timeout, prog=PROG)
+        ranks = Ranks(timeout=args.rank_timeout, prog=parser.prog)
     except (RuntimeError, ValueError) as e:
-        sys.stderr.write(f"{PROG}: error: cannot join the distributed group: {' '.join(str(e).split())}\n")
+        Console(parser.prog).error(f"cannot join the distributed group: {e}")
         return EXIT_USAGE
     where = f"rank {ranks.rank}: " if ranks.distributed else ""
+    console = Console(parser.prog + (f": {where.rstrip(': ')}" if where else ""), quiet=args.quiet,
+                      force_progress=args.progress)
 
-    def error(message: str) -> None:
-        sys.stderr.write(f"{PROG}: {where}error: {message}\n")
-        sys.stderr.flush()
-
-    def body() -> int:
+    def body(args: argparse.Namespace, _console: Console) -> int:
         try:
-            return _run(args, ranks, error)
+            return _run(args, ranks, console)
         except RankFailure as e:
-            error(f"{e}; stopping, nothing written")
+            console.error(f"{e}; stopping, nothing written")
             return EXIT_RANK_FAILED
 
-    return guarded(body, error)
+    return run_command(parser, argv, body)
 
 
-def _run(args: argparse.Namespace, ranks, error: Callable[[str], None]) -> int:
+def _run(args: argparse.Namespace, ranks, console: Console) -> int:
     from mlx_evit.tasks.classifier import Classifier, ClassifierError
-    from mlx_evit.tasks.evaluation import EvaluationError, ImageFailed, check_output, evaluate, find_dataset, map_classes, read_class_map
+    from mlx_evit.tasks.evaluation import EvaluationError, ImageFailed, evaluate, find_dataset, map_classes, read_class_map
     from mlx_evit.tasks.distributed import RankFailure
     from mlx_evit.loading.hub import HubError
     from mlx_evit.outputs import OutputError
 
+    error = console.error
     leader = ranks.rank == 0
     quiet = args.quiet
     if quiet:
@@ -169,9 +196,8 @@ def _run(args: argparse.Namespace, ranks, error: Callable[[str], None]) -> int:
         disable_progress_bars()
 
     def log(message: str) -> None:
-        if not quiet and leader:
-            sys.stderr.write(f"{PROG}: {message}\n")
-            sys.stderr.flush()
+        if leader:
+            console.log(message)
 
     # Everything that can be wrong with the arguments is found before the images are read, on every rank.
     problem, code = None, EXIT_OK
@@ -180,10 +206,13 @@ def _run(args: argparse.Namespace, ranks, error: Callable[[str], None]) -> int:
         dataset = find_dataset(args.data)
         class_map = read_class_map(args.class_map) if args.class_map else None
         if args.output and leader:
-            out = check_output(args.output, args.data, force=args.force)
-        classifier = Classifier.load(args.model, weights=args.weights, dtype=args.dtype, labels=args.labels, log=log)
+            out = _check_output(args)
+        model = model_name(args.model, "classify") if args.model else None
+        if args.weights:
+            weights_path(args.weights)
+        classifier = Classifier.load(model, weights=args.weights, dtype=args.dtype, labels=args.labels, log=log)
         indices = map_classes(dataset.folders, classifier.labels, class_map)
-    except (EvaluationError, OutputError, ClassifierError, HubError, ValueError) as e:
+    except (EvaluationError, OutputError, ClassifierError, HubError, ValueError, UsageError) as e:
         problem, code = str(e), EXIT_USAGE
         error(problem)
     try:
@@ -201,11 +230,13 @@ def _run(args: argparse.Namespace, ranks, error: Callable[[str], None]) -> int:
 
     if dataset.ignored:
         log(f"ignoring {len(dataset.ignored)} image file(s) directly in {args.data} (not in a class folder)")
-    progress = _Progress(len(dataset), ranks.describe(), sys.stderr, leader and not quiet)
+    progress = _Progress(len(dataset), ranks.describe(), sys.stderr, leader and not quiet,
+                         bar=console.show_progress())
     failures = []
 
     def on_error(message: str) -> None:
         progress.clear()
+        progress.skipped += 1
         error(message)
         failures.append(message)
 
@@ -225,8 +256,21 @@ def _run(args: argparse.Namespace, ranks, error: Callable[[str], None]) -> int:
         except OutputError as e:
             error(str(e))
             return EXIT_USAGE
-    _print_summary(result, sys.stdout, args.output)
+    if args.format == "json":
+        sys.stdout.write(json.dumps(result.summary(), indent=2, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+    else:
+        _print_summary(result, sys.stdout, args.output)
     return EXIT_OK
+
+
+def _check_output(args: argparse.Namespace):
+    """The checked output folder (a name like report.json is refused; --force is suggested only where it helps)."""
+    from mlx_evit.tasks.evaluation import check_output
+
+    output_folder(args.output, [], args.force, what="summary.json, predictions.csv, confusion.csv",
+                  marker="summary.json", describe="an evaluation output folder (with summary.json)", check=False)
+    return check_output(args.output, args.data, force=args.force)
 
 
 def _pct(value: Optional[float]) -> str:
@@ -238,7 +282,8 @@ def _print_summary(result, stream: TextIO, output: Optional[str]) -> None:
     skipped = f", {len(result.errors)} unreadable skipped" if result.errors else ""
     ranks = f"{result.ranks} rank" + ("" if result.ranks == 1 else "s")
     lines = [
-        f"evaluated {result.count} images of {len(result.dataset.folders)} classes on {ranks}{skipped}: "
+        f"evaluated {plural(result.count, 'image')} of {plural(len(result.dataset.folders), 'class', 'classes')} "
+        f"on {ranks}{skipped}: "
         f"{result.model}, {result.dataset.root}",
         f"top-1 {_pct(result.top1).strip()}  top-{k} {_pct(result.top5).strip()}  "
         f"mean per-class {_pct(result.mean_per_class_accuracy).strip()}  "
@@ -246,9 +291,10 @@ def _print_summary(result, stream: TextIO, output: Optional[str]) -> None:
     ]
     width = max(len(f) for f in result.dataset.folders)
     for row in result.per_class():
-        lines.append(f"  {row['class']:<{width}}  {row['images']:6d} images  top-1 {_pct(row['top1'])}  "
+        lines.append(f"  {row['class']:<{width}}  {row['images']:6d} {'image ' if row['images'] == 1 else 'images'}  "
+                     f"top-1 {_pct(row['top1'])}  "
                      f"top-{k} {_pct(row['top5'])}")
     if output:
-        lines.append(f"wrote {output}/summary.json, predictions.csv, confusion.csv")
+        lines.append(f"wrote {os.path.join(output, 'summary.json')}, predictions.csv, confusion.csv")
     stream.write("\n".join(lines) + "\n")
     stream.flush()

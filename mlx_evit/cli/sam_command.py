@@ -13,16 +13,33 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from mlx_evit.ops.dtypes import DTYPE_NAMES as DTYPES
-from mlx_evit.errors import one_line
-from mlx_evit.cli.common import EXIT_FAILED as EXIT_IMAGE_FAILED
 from mlx_evit.cli.common import unit_fraction as _fraction
-from mlx_evit.cli.common import EXIT_OK, EXIT_USAGE, guarded
 from mlx_evit.cli.common import positive_int as _positive
+from mlx_evit.cli.common import (
+    EXIT_OK,
+    Console,
+    CreatedFiles,
+    InputError,
+    UsageError,
+    add_dtype,
+    add_force,
+    add_model_options,
+    add_output,
+    add_progress,
+    command_parser,
+    exit_status_text,
+    model_name,
+    output_folder,
+    plural,
+    prog_name,
+    refuse,
+    run_command,
+    weights_path,
+)
 
 __all__ = ["main", "build_parser", "parse_point", "parse_box"]
 
@@ -41,19 +58,18 @@ prompts (pixel coordinates of IMAGE, x to the right, y down):
   --multimask          three candidate masks per prompt instead of one
   --everything         segment everything (automatic mask generator; no prompts)
 
-outputs (--output-dir DIR; NAME is the image file name without extension):
+outputs (-o/--output DIR; NAME is the image file name without extension):
   NAME_mask<i>.png     each mask, 0/255 grayscale, at the image size
   NAME_overlay.png     the masks coloured over the image, prompts drawn
   NAME.json            per mask: predicted IoU, box (XYXY, inclusive), area,
                        the prompt it came from (--everything: Meta's record
                        fields: bbox XYWH, predicted_iou, stability_score, ...)
   Existing files are replaced only with --force; DIR must not hold an input.
-  The folder is checked before the model loads.
+  The folder is checked before the model loads. Points and boxes must lie
+  inside the image (0 <= X <= width, 0 <= Y <= height); a box needs X0 < X1
+  and Y0 < Y1.
 
-exit status:
-  0 done   1 the image could not be read   2 bad arguments, model, weights
-  or output   3 unexpected error (rerun with MLX_EVIT_DEBUG=1)   130 interrupted
-
+""" + exit_status_text() + """
 examples:
   python -m mlx_evit.sam photo.jpg --point 320,200 --output-dir out/
   python -m mlx_evit.sam photo.jpg --point 320,200 --point 100,80,0 --box 50,40,600,420 -o out/
@@ -86,98 +102,114 @@ def parse_point(text: str) -> tuple[float, float, int]:
 
 
 def parse_box(text: str) -> tuple[float, float, float, float]:
-    """``"X0,Y0,X1,Y1"`` -> the box, with X0 <= X1 and Y0 <= Y1."""
+    """``"X0,Y0,X1,Y1"`` -> the box, with X0 < X1 and Y0 < Y1 (zero-area boxes are refused)."""
     x0, y0, x1, y1 = _numbers(text, (4,), "X0,Y0,X1,Y1")
-    if x1 < x0 or y1 < y0:
-        raise argparse.ArgumentTypeError(f"box corners must satisfy X0 <= X1 and Y0 <= Y1, got {text!r}")
+    if x1 <= x0 or y1 <= y0:
+        raise argparse.ArgumentTypeError(f"a box needs X0 < X1 and Y0 < Y1 (a non-zero area), got {text!r}")
     return x0, y0, x1, y1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Segment an image with EfficientViT-SAM from point "
-                                "and box prompts, or segment everything.", epilog=_EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+_EVERYTHING_ONLY = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability_thresh", "crop_layers")
+_PROMPT_ONLY = ("multimask",)
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    p = command_parser(prog or prog_name("sam"), "Segment an image with EfficientViT-SAM from point and box "
+                       "prompts, or segment everything.", _EPILOG)
     p.add_argument("image", metavar="IMAGE", help="image file (PNG, JPEG, ...)")
-    p.add_argument("--point", action="append", type=parse_point, default=[], metavar="X,Y[,LABEL]")
-    p.add_argument("--box", action="append", type=parse_box, default=[], metavar="X0,Y0,X1,Y1")
+    p.add_argument("--point", action="append", type=parse_point, default=[], metavar="X,Y[,LABEL]",
+                   help="a point prompt; LABEL 1 foreground (default), 0 background; repeatable (default: none)")
+    p.add_argument("--box", action="append", type=parse_box, default=[], metavar="X0,Y0,X1,Y1",
+                   help="a box prompt; repeatable: several boxes alone are one batch (default: none)")
     p.add_argument("--multimask", action="store_true", help="three masks per prompt")
     p.add_argument("--everything", action="store_true", help="automatic mask generation (no prompts)")
-    p.add_argument("-o", "--output-dir", required=True, metavar="DIR", help="folder for the masks, overlay, json")
-    p.add_argument("--force", action="store_true", help="replace existing files in DIR")
-    p.add_argument("--model", default=None, metavar="NAME",
-                   help=f"efficientvit_sam_l0/_l1/_l2 (512) or _xl0/_xl1 (1024); default {DEFAULT_MODEL}")
-    p.add_argument("--weights", metavar="PATH", help="original .pt, any checkpoint the converter reads, or a "
-                   "converted folder (default: download the model's released file)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations (default float32)")
-    p.add_argument("--alpha", type=_fraction, default=0.5, help="mask opacity in the overlay (default 0.5)")
-    g = p.add_argument_group("--everything options")
-    g.add_argument("--points-per-side", type=_positive, default=32)
-    g.add_argument("--points-per-batch", type=_positive, default=64)
-    g.add_argument("--pred-iou-thresh", type=_fraction, default=0.88)
-    g.add_argument("--stability-thresh", type=_fraction, default=0.95)
-    g.add_argument("--crop-layers", type=int, choices=range(0, 4), default=0, metavar="{0,1,2,3}")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    add_output(p, "folder", "folder for the masks, overlay and json (required)", required=True,
+               aliases=("--output-dir",))
+    add_force(p, "replace existing files in DIR")
+    add_model_options(p, "sam", model_default=DEFAULT_MODEL,
+                      weights_help="original .pt, any checkpoint the converter reads, or a converted folder "
+                                   "(default: the model's released weights, downloaded once and cached)")
+    add_dtype(p)
+    p.add_argument("--alpha", type=_fraction, default=0.5, help="mask opacity in the overlay")
+    g = p.add_argument_group("--everything options (refused without --everything)")
+    g.add_argument("--points-per-side", type=_positive, default=32, metavar="N",
+                   help="a grid of N x N prompt points per crop")
+    g.add_argument("--points-per-batch", type=_positive, default=64, metavar="N",
+                   help="prompt points decoded together (memory grows with N)")
+    g.add_argument("--pred-iou-thresh", type=_fraction, default=0.88, metavar="T",
+                   help="keep masks whose predicted IoU is at least T")
+    g.add_argument("--stability-thresh", type=_fraction, default=0.95, metavar="T",
+                   help="keep masks whose stability score is at least T")
+    g.add_argument("--crop-layers", type=int, choices=range(0, 4), default=0, metavar="{0,1,2,3}",
+                   help="also run on 4^i crops of the image for i = 1..L")
+    add_progress(p)
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     """Command-line entry point; returns the exit status."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-
-    def error(message: str) -> None:
-        print(f"{PROG}: error: {one_line(message)}", file=sys.stderr, flush=True)
-
-    return guarded(lambda: _run(args, error), error)
+    parser = build_parser(prog)
+    return run_command(parser, argv, lambda args, console: _run(parser, args, console))
 
 
-def _log(args: argparse.Namespace) -> Callable[[str], None]:
-    def log(message: str) -> None:
-        if not args.quiet:
-            print(f"{PROG}: {message}", file=sys.stderr, flush=True)
-
-    return log
-
-
-def _load_model(args: argparse.Namespace, error: Callable[[str], None]):
+def _load_model(args: argparse.Namespace, console: Console):
     from mlx_evit.api import load
     from mlx_evit.loading.hub import HubError
-    from mlx_evit.models.registry import get_entry
     from mlx_evit.models.sam_model import EfficientViTSam
 
     name = args.model or (None if args.weights else DEFAULT_MODEL)
-    if name is not None:
-        try:
-            entry = get_entry(name)
-        except ValueError as e:
-            error(str(e))
-            return None
-        if entry.family != "sam":
-            error(f"--model {name}: not an EfficientViT-SAM model (choose efficientvit_sam_l0/_l1/_l2/_xl0/_xl1)")
-            return None
     source = args.weights
     try:
         if source is None:
             from mlx_evit.api import pretrained_weights
 
-            source = pretrained_weights(name, log=_log(args))
+            source = pretrained_weights(name, log=console.log)
         net = load(source, dtype=args.dtype, model=name)
     except HubError as e:  # offline or unreachable with nothing cached: the message says what to do
-        error(str(e))
-        return None
+        raise UsageError(e) from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         message = " ".join(str(e).split()) or type(e).__name__
         if os.fspath(source) not in message:
             message = f"{os.fspath(source)}: {message}"
-        error(f"cannot load weights: {message}")
-        return None
+        raise UsageError(f"cannot load weights: {message}") from None
     if not isinstance(net, EfficientViTSam):
-        error(f"{os.fspath(source)} holds {getattr(net, 'arch_name', type(net).__name__)}, not an EfficientViT-SAM model")
-        return None
+        raise UsageError(f"{os.fspath(source)} holds {getattr(net, 'arch_name', type(net).__name__)}, "
+                         "not an EfficientViT-SAM model")
     return net
+
+
+class _Progress:
+    """A bar on stderr for --everything, fed by the mask generator's ``progress`` callback."""
+
+    def __init__(self, stream, enabled: bool):
+        self.stream, self.enabled, self.start, self.drawn = stream, enabled, time.perf_counter(), False
+
+    def __call__(self, done, total=None) -> None:
+        if not self.enabled:
+            return
+        if total is None:  # a fraction
+            done, total = round(float(done) * 1000), 1000
+        total = max(int(total), 1)
+        width = 30
+        filled = int(width * min(done, total) / total)
+        seconds = time.perf_counter() - self.start
+        self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {100 * done / total:5.1f}% {seconds:6.1f} s")
+        self.stream.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.enabled and self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _accepts_progress(function) -> bool:
+    import inspect
+
+    try:
+        return "progress" in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -216,53 +248,64 @@ def _box_xyxy(mask: np.ndarray) -> Optional[list[int]]:
     return [int(xs[0]), int(ys[0]), int(xs[-1]), int(ys[-1])]
 
 
-def _run(args: argparse.Namespace, error: Callable[[str], None]) -> int:
-    from mlx_evit.outputs import OutputError, check_output_dir
-    from mlx_evit.tasks.transforms import ImageLoadError, load_image
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, console: Console) -> int:
+    from mlx_evit.outputs import OutputError
+    from mlx_evit.tasks.preprocess import ImageLoadError, load_image
 
-    if args.everything and (args.point or args.box):
-        error("--everything takes no --point or --box prompts")
-        return EXIT_USAGE
-    if not args.everything and not (args.point or args.box):
-        error("no prompt: give --point X,Y[,LABEL] and/or --box X0,Y0,X1,Y1, or --everything")
-        return EXIT_USAGE
+    if args.everything:
+        refuse(parser, args, _PROMPT_ONLY, "applies to --point/--box prompts, not --everything")
+        if args.point or args.box:
+            raise UsageError("--everything takes no --point or --box prompts")
+    else:
+        refuse(parser, args, _EVERYTHING_ONLY, "applies only with --everything")
+        if not (args.point or args.box):
+            raise UsageError("no prompt: give --point X,Y[,LABEL] and/or --box X0,Y0,X1,Y1, or --everything")
     if args.point and len(args.box) > 1:
-        error("--point goes with at most one --box (several boxes alone are decoded as a batch)")
-        return EXIT_USAGE
+        raise UsageError("--point goes with at most one --box (several boxes alone are decoded as a batch)")
     inputs = [args.image] + ([args.weights] if args.weights else [])
     if args.weights and os.path.isdir(args.weights):
         inputs += [os.path.join(args.weights, n) for n in os.listdir(args.weights)]
-    try:  # before any long work
-        out = check_output_dir(args.output_dir, inputs=inputs, force=args.force, option="--output-dir")
-    except OutputError as e:
-        error(str(e))
-        return EXIT_USAGE
+    out = output_folder(args.output, inputs, args.force, what="masks, overlay and json")  # before any long work
+    if args.model:
+        args.model = model_name(args.model, "sam")
+    if args.weights:
+        weights_path(args.weights)
     try:
         image = np.asarray(load_image(args.image))
     except ImageLoadError as e:
-        error(str(e))
-        return EXIT_IMAGE_FAILED
+        raise InputError(e) from None
     h, w = image.shape[:2]
     for x, y, _ in args.point:
         if not (0 <= x <= w and 0 <= y <= h):
-            error(f"--point {x:g},{y:g} is outside the {w}x{h} image")
-            return EXIT_USAGE
-    net = _load_model(args, error)
-    if net is None:
-        return EXIT_USAGE
+            raise UsageError(f"--point {x:g},{y:g} is outside the {w}x{h} image")
+    for box in args.box:
+        x0, y0, x1, y1 = box
+        if not (0 <= x0 and 0 <= y0 and x1 <= w and y1 <= h):
+            raise UsageError(f"--box {','.join(f'{v:g}' for v in box)} is not inside the {w}x{h} image")
+    net = _load_model(args, console)
     from mlx_evit.tasks.mask_generator import SamAutomaticMaskGenerator
     from mlx_evit.tasks.sam_predictor import SamPredictor
 
-    log = _log(args)
     predictor = SamPredictor(net)
     name = Path(args.image).stem or "image"
     start = time.perf_counter()
     if args.everything:
-        generator = SamAutomaticMaskGenerator(
-            predictor, points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
-            pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_thresh,
-            crop_n_layers=args.crop_layers)
-        records = sorted(generator.generate(image), key=lambda r: -r["area"])
+        options = dict(points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
+                       pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_thresh,
+                       crop_n_layers=args.crop_layers)
+        progress = _Progress(sys.stderr, console.show_progress())
+        # The generator's progress callback, wherever this version of the library takes it (if at all).
+        if _accepts_progress(SamAutomaticMaskGenerator):
+            options["progress"] = progress
+        generator = SamAutomaticMaskGenerator(predictor, **options)
+        try:
+            if "progress" not in options and _accepts_progress(generator.generate):
+                records = generator.generate(image, progress=progress)
+            else:
+                records = generator.generate(image)
+        finally:
+            progress.close()
+        records = sorted(records, key=lambda r: -r["area"])
         masks = [r.pop("segmentation") for r in records]
         entries = [dict(file=f"{name}_mask{i}.png", **r) for i, r in enumerate(records)]
         report: dict[str, Any] = {"mode": "everything"}
@@ -295,13 +338,17 @@ def _run(args: argparse.Namespace, error: Callable[[str], None]) -> int:
     seconds = time.perf_counter() - start
     report = {"image": os.fspath(args.image), "size": [h, w], "model": net.arch_name, "dtype": args.dtype,
               **report, "seconds": round(seconds, 3), "masks": entries}
+    written = CreatedFiles(out)
     try:
         for entry, mask in zip(entries, masks):
-            out.write_file(entry["file"], _png(mask.astype(np.uint8) * 255))
-        out.write_file(f"{name}_overlay.png", _png(overlay(image, masks, args.alpha, args.point, args.box)))
-        out.write_file(f"{name}.json", json.dumps(report, indent=2) + "\n")
+            written.write_file(entry["file"], _png(mask.astype(np.uint8) * 255))
+        written.write_file(f"{name}_overlay.png", _png(overlay(image, masks, args.alpha, args.point, args.box)))
+        written.write_file(f"{name}.json", json.dumps(report, indent=2) + "\n")
     except OutputError as e:
-        error(str(e))
-        return EXIT_USAGE
-    log(f"{len(masks)} mask(s) from {net.arch_name} in {seconds:.2f} s written to {out.path}")
+        written.undo()
+        raise UsageError(e) from None
+    except BaseException:
+        written.undo()
+        raise
+    console.log(f"{plural(len(masks), 'mask')} from {net.arch_name} in {seconds:.2f} s written to {out.path}")
     return EXIT_OK

@@ -13,14 +13,36 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, TextIO
+from typing import Any, Optional, Sequence, TextIO
 
 import numpy as np
 
-from mlx_evit.ops.dtypes import DTYPE_NAMES
 from mlx_evit.cli.common import EXIT_FAILED as EXIT_IMAGES_FAILED
-from mlx_evit.cli.common import unit_fraction as _alpha
-from mlx_evit.cli.common import EXIT_OK, EXIT_USAGE, error_printer, guarded
+from mlx_evit.cli.common import (
+    EXIT_OK,
+    Console,
+    CreatedFiles,
+    InputError,
+    UsageError,
+    add_dtype,
+    add_force,
+    add_format,
+    add_model_options,
+    add_output,
+    add_progress,
+    add_recursive,
+    add_skip_errors,
+    command_parser,
+    exit_status_text,
+    model_name,
+    output_folder,
+    plural,
+    prog_name,
+    refuse,
+    run_command,
+    unit_fraction,
+    weights_path,
+)
 
 __all__ = ["main", "build_parser", "label_file_for"]
 
@@ -29,15 +51,17 @@ FORMATS = ("none", "json", "csv")
 REPORTS = ("text", "json")
 
 _EPILOG = """\
-outputs (--output-dir DIR), per image NAME (the file name without extension;
+outputs (-o/--output DIR), per image NAME (the file name without extension;
 a second image of the same name becomes NAME_2, ...):
   NAME.png          label map: a palette PNG, pixel value = class index,
                     coloured with the dataset's palette
-  NAME_overlay.png  the colours blended over the image (--alpha, default 0.5;
-                    --no-overlay to skip)
+  NAME_overlay.png  the colours blended over the image (--alpha; --no-overlay
+                    to skip)
   NAME.json/.csv    with --format json|csv: pixel fraction of every class
   Existing files are replaced only with --force; DIR must not hold an input.
-  The folder is checked before the model loads.
+  The folder is checked before the model loads. A run that stops (an
+  unreadable image without --skip-errors, an error, Ctrl-C) removes the files
+  it created, so the rerun needs no --force.
 
 preprocessing (the original evaluation's): Cityscapes models resize to
 1024x2048, ADE20K models take the short side to 512 and the long side to a
@@ -50,58 +74,58 @@ evaluation (--eval IMAGES_DIR --labels-dir LABELS_DIR):
   X_leftImg8bit.png pair with X_gtFine_labelIds.png (or
   X_gtFine_labelTrainIds.png). Cityscapes label ids map to the 19 train ids
   (others ignored); ADE20K labels are value - 1 (0 ignored). Prints mIoU,
-  pixel accuracy and per-class IoU (--report text|json); --output FILE
-  writes the JSON report too.
+  pixel accuracy and per-class IoU (--format text|json); -o DIR writes the
+  JSON report to DIR/summary.json too.
 
-exit status:
-  0  done (with --skip-errors: at least one image was processed)
-  1  an image or label could not be read (the run stops there unless --skip-errors)
-  2  bad arguments, or the model, weights or output cannot be used
-  3  unexpected error (rerun with MLX_EVIT_DEBUG=1 for the traceback)   130  interrupted
-
+""" + exit_status_text() + """
 examples:
-  python -m mlx_evit.segment street.png --model efficientvit_seg_b0_cityscapes --output-dir out/
+  python -m mlx_evit.segment street.png --model efficientvit_seg_b0_cityscapes -o out/
   python -m mlx_evit.segment photos/ --model efficientvit_seg_l1_ade20k -o out/ --format json --alpha 0.6
   python -m mlx_evit.segment frame.png --weights efficientvit_seg_b1_cityscapes.pt -o out/
   python -m mlx_evit.segment --eval val/images --labels-dir val/labels --dataset ade20k \\
-      --model efficientvit_seg_b1_ade20k --report json
+      --model efficientvit_seg_b1_ade20k --format json
 """
 
+_IMAGE_ONLY = ("alpha", "no_overlay", "recursive")
+_EVAL_ONLY = ("labels_dir", "report")
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Semantic segmentation with EfficientViT-Seg (Cityscapes, ADE20K): label maps, overlays, "
-                    "per-class fractions, or mIoU on a labelled set.",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+
+def _format(text: str) -> str:
+    return "text" if text == "none" else text  # "none": the old spelling of text (no per-image files)
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    from mlx_evit.tasks.segmenter import DEFAULT_MODEL
+
+    parser = command_parser(prog or prog_name("segment"),
+                            "Semantic segmentation with EfficientViT-Seg (Cityscapes, ADE20K): label maps, overlays, "
+                            "per-class fractions, or mIoU on a labelled set.", _EPILOG)
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image file, folder or glob pattern")
-    parser.add_argument("--model", "-m", metavar="NAME",
-                        help="registered model, e.g. efficientvit_seg_b1_cityscapes (default without --weights; "
-                             "with --weights: checked against them)")
-    parser.add_argument("--weights", "-w", metavar="PATH",
-                        help="original efficientvit_seg_*.pt, another checkpoint, or a converted MLX folder "
-                             "(default: download the model's released file)")
-    parser.add_argument("--output-dir", "-o", metavar="DIR", help="folder for the per-image outputs")
-    parser.add_argument("--format", "-f", choices=FORMATS, default="none",
-                        help="per-class pixel fractions per image (default: none)")
-    parser.add_argument("--alpha", type=_alpha, default=0.5, help="overlay opacity of the colours (default 0.5)")
+    add_model_options(parser, "segment", model_default=DEFAULT_MODEL,
+                      weights_help="original efficientvit_seg_*.pt, another checkpoint, or a converted MLX folder "
+                                   "(default: the model's released weights, downloaded once and cached)")
+    add_output(parser, "folder", "folder for the per-image outputs (needed to segment images); with --eval: "
+                                 "also write the report there as summary.json",
+               aliases=("--output-dir",))
+    add_format(parser, ("text", "json", "csv"), None,
+               "images: json|csv also writes NAME.json|.csv with the per-class pixel fractions (default: text, "
+               "none written); --eval: the report on stdout, text or json (default: text)", type=_format)
+    parser.add_argument("--alpha", type=unit_fraction, default=0.5, help="overlay opacity of the colours")
     parser.add_argument("--no-overlay", action="store_true", help="write no overlay PNGs")
     parser.add_argument("--dataset", choices=("cityscapes", "ade20k"),
                         help="classes and label conventions (default: the model's)")
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="model dtype (default float32)")
+    add_dtype(parser)
     parser.add_argument("--resize-method", choices=("ipp", "opencv"), default="ipp",
-                        help="which OpenCV cubic resize to reproduce (default ipp: what x86 OpenCV wheels run)")
-    parser.add_argument("--recursive", "-r", action="store_true", help="descend into subfolders; '**' in patterns")
-    parser.add_argument("--skip-errors", action="store_true", help="report unreadable images and go on")
-    parser.add_argument("--force", action="store_true", help="replace existing output files")
-    parser.add_argument("--eval", metavar="IMAGES_DIR", help="evaluate on the images under IMAGES_DIR")
-    parser.add_argument("--labels-dir", metavar="LABELS_DIR", help="ground-truth label PNGs (with --eval)")
-    parser.add_argument("--report", choices=REPORTS, default="text", help="evaluation report on stdout")
-    parser.add_argument("--output", metavar="FILE", help="also write the evaluation report as JSON to FILE")
-    parser.add_argument("--progress", action="store_true", help="show progress even when stderr is not a terminal")
-    parser.add_argument("--quiet", "-q", action="store_true", help="no progress or status messages")
+                        help="which OpenCV cubic resize to reproduce (ipp: what x86 OpenCV wheels run)")
+    add_recursive(parser)
+    add_skip_errors(parser, "report an unreadable image (or, with --eval, an unpaired one) and go on")
+    add_force(parser, "replace existing output files")
+    parser.add_argument("--eval", metavar="IMAGES_DIR", help="evaluate on the images under IMAGES_DIR (default: "
+                                                             "segment the INPUTs)")
+    parser.add_argument("--labels-dir", metavar="LABELS_DIR",
+                        help="ground-truth label PNGs (with --eval; required there) (default: none)")
+    parser.add_argument("--report", choices=("text", "json"), help=argparse.SUPPRESS)  # old --format of --eval
+    add_progress(parser)
     return parser
 
 
@@ -177,20 +201,16 @@ def _fractions_text(fmt: str, file: str, classes: Sequence[str], fractions: np.n
     return buf.getvalue()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     """Command-line entry point; returns the exit status."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
+    parser = build_parser(prog)
 
-    printer = error_printer(PROG)
+    def body(args: argparse.Namespace, console: Console) -> int:
+        if args.eval is not None:
+            return _evaluate(parser, args, console)
+        return _segment(parser, args, console)
 
-    def error(message: str) -> None:
-        printer(" ".join(str(message).split()))
-
-    return guarded(lambda: _evaluate(args, error) if args.eval is not None else _segment(args, error), error)
+    return run_command(parser, argv, body)
 
 
 def _run_inputs(files: Sequence[str], args: argparse.Namespace) -> list[str]:
@@ -202,7 +222,7 @@ def _run_inputs(files: Sequence[str], args: argparse.Namespace) -> list[str]:
     return inputs
 
 
-def _load(args: argparse.Namespace, error: Callable[[str], None]):
+def _load(args: argparse.Namespace, console: Console):
     from mlx_evit.loading.hub import HubError
     from mlx_evit.tasks.segmenter import Segmenter, SegmenterError
 
@@ -210,114 +230,108 @@ def _load(args: argparse.Namespace, error: Callable[[str], None]):
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
-
-    def log(message: str) -> None:
-        if not args.quiet:
-            print(f"{PROG}: {message}", file=sys.stderr, flush=True)
-
     try:
         return Segmenter.load(args.model, weights=args.weights, dtype=args.dtype, dataset=args.dataset,
-                              resize_method=args.resize_method, log=log)
+                              resize_method=args.resize_method, log=console.log)
     except (SegmenterError, HubError, ValueError) as e:
-        error(str(e))
-        return None
+        raise UsageError(e) from None
 
 
-def _segment(args: argparse.Namespace, error: Callable[[str], None]) -> int:
+def _check_model(args: argparse.Namespace) -> None:
+    """--model of the seg family (no download for another family's name); --weights that exists."""
+    if args.model:
+        args.model = model_name(args.model, "segment")
+    if args.weights:
+        weights_path(args.weights)
+
+
+def _segment(parser: argparse.ArgumentParser, args: argparse.Namespace, console: Console) -> int:
     from mlx_evit.tasks.classifier import expand_inputs
-    from mlx_evit.outputs import OutputError, check_output_dir
-    from mlx_evit.tasks.transforms import ImageLoadError, load_image
+    from mlx_evit.outputs import OutputError
+    from mlx_evit.tasks.preprocess import ImageLoadError, load_image
 
-    if args.labels_dir or args.output:
-        error("--labels-dir and --output belong to --eval")
-        return EXIT_USAGE
+    refuse(parser, args, _EVAL_ONLY, "applies only with --eval")
     if not args.inputs:
-        error("no inputs: give image files, folders or patterns (or --eval IMAGES_DIR)")
-        return EXIT_USAGE
-    if not args.output_dir:
-        error("--output-dir is required: the label maps and overlays are written there")
-        return EXIT_USAGE
+        raise UsageError("no inputs: give image files, folders or patterns (or --eval IMAGES_DIR)")
+    if not args.output:
+        raise UsageError("--output DIR is required: the label maps and overlays are written there")
+    fmt = args.format or "text"
     files, problems = expand_inputs(args.inputs, args.recursive)
-    try:  # before any long work
-        out = check_output_dir(args.output_dir, inputs=_run_inputs(files, args), force=args.force,
-                               option="--output-dir")
-    except OutputError as e:
-        error(str(e))
-        return EXIT_USAGE
+    out = output_folder(args.output, _run_inputs(files, args), args.force, what="label maps and overlays")
+    _check_model(args)
     for problem in problems:
-        error(problem.message)
+        console.error(problem.message)
     if problems and not args.skip_errors:
         return EXIT_IMAGES_FAILED
     if not files:
-        error("no images to segment")
+        console.error("no images to segment")
         return EXIT_IMAGES_FAILED
-    segmenter = _load(args, error)
-    if segmenter is None:
-        return EXIT_USAGE
+    segmenter = _load(args, console)
     names = output_names(files)
-    progress = _Progress(len(files), sys.stderr, not args.quiet and (sys.stderr.isatty() or args.progress))
+    progress = _Progress(len(files), sys.stderr, console.show_progress())
+    written = CreatedFiles(out)
     done = failed = 0
-    for file, name in zip(files, names):
-        try:
-            pixels = np.asarray(load_image(file))
-        except ImageLoadError as e:
-            progress.clear()
-            error(str(e))
-            failed += 1
-            if not args.skip_errors:
-                return EXIT_IMAGES_FAILED
+    try:
+        for file, name in zip(files, names):
+            try:
+                pixels = np.asarray(load_image(file))
+            except ImageLoadError as e:
+                progress.clear()
+                failed += 1
+                if not args.skip_errors:
+                    raise InputError(f"{e}; stopping (the files of this run were removed)") from None
+                console.error(e)
+                progress.step(file)
+                continue
+            result = segmenter(pixels)
+            try:
+                written.write_file(f"{name}.png", _png(result.palette_image()))
+                if not args.no_overlay:
+                    written.write_file(f"{name}_overlay.png", _png(result.overlay(pixels, args.alpha)))
+                if fmt != "text":
+                    text = _fractions_text(fmt, file, segmenter.classes, result.class_fractions(), segmenter.name)
+                    written.write_file(f"{name}.{fmt}", text)
+            except OutputError as e:
+                progress.clear()
+                raise UsageError(e) from None
+            done += 1
             progress.step(file)
-            continue
-        result = segmenter(pixels)
-        try:
-            out.write_file(f"{name}.png", _png(result.palette_image()))
-            if not args.no_overlay:
-                out.write_file(f"{name}_overlay.png", _png(result.overlay(pixels, args.alpha)))
-            if args.format != "none":
-                text = _fractions_text(args.format, file, segmenter.classes, result.class_fractions(),
-                                       segmenter.name)
-                out.write_file(f"{name}.{args.format}", text)
-        except OutputError as e:
-            progress.clear()
-            error(str(e))
-            return EXIT_USAGE
-        done += 1
-        progress.step(file)
-    if not args.quiet:
-        print(f"{PROG}: segmented {done} image(s) with {segmenter.name} into {out.path}"
-              + (f"; {failed + len(problems)} failed" if failed or problems else ""), file=sys.stderr)
+    except BaseException:
+        written.undo()
+        raise
+    skipped = failed + len(problems)
+    console.log(f"segmented {plural(done, 'image')} with {segmenter.name} into {out.path}"
+                + (f"; {skipped} unreadable skipped" if skipped else ""))
     return EXIT_OK if done else EXIT_IMAGES_FAILED
 
 
-def _evaluate(args: argparse.Namespace, error: Callable[[str], None]) -> int:
+def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace, console: Console) -> int:
     from mlx_evit.tasks.classifier import IMAGE_EXTENSIONS
-    from mlx_evit.outputs import OutputError, check_output_file
 
+    refuse(parser, args, _IMAGE_ONLY, "does not apply to --eval")
     if args.inputs:
-        error("--eval takes the images folder; give no other inputs")
-        return EXIT_USAGE
+        raise UsageError("--eval takes the images folder; give no other inputs")
     if not args.labels_dir:
-        error("--eval needs --labels-dir LABELS_DIR")
-        return EXIT_USAGE
+        raise UsageError("--eval needs --labels-dir LABELS_DIR")
+    if args.format == "csv":
+        raise UsageError("--format csv: the --eval report is text or json")
+    if args.format and args.report and args.format != args.report:
+        raise UsageError(f"--format {args.format} and --report {args.report} disagree (--report is the old name)")
+    fmt = args.format or args.report or "text"
     images_dir, labels_dir = Path(args.eval), Path(args.labels_dir)
     for option, folder in (("--eval", images_dir), ("--labels-dir", labels_dir)):
         if not folder.is_dir():
-            error(f"{option} {folder}: not a folder")
-            return EXIT_USAGE
+            raise UsageError(f"{option} {folder}: not a folder")
+    out = None
+    if args.output:
+        out = output_folder(args.output, [str(images_dir), str(labels_dir), *_run_inputs([], args)], args.force,
+                            what="summary.json", marker="summary.json",
+                            describe="an evaluation output folder (with summary.json)")
+    _check_model(args)
     images = sorted(p for p in images_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
                     and not p.name.startswith("."))
     if not images:
-        error(f"--eval {images_dir}: no images")
-        return EXIT_IMAGES_FAILED
-    target = None
-    if args.output:
-        try:
-            target = check_output_file(args.output, inputs=[*map(str, images), str(labels_dir),
-                                                            *_run_inputs([], args)],
-                                       force=args.force, option="--output")
-        except OutputError as e:
-            error(str(e))
-            return EXIT_USAGE
+        raise InputError(f"--eval {images_dir}: no images")
     pairs, failures = [], []
     for image in images:
         label = label_file_for(image, images_dir, labels_dir)
@@ -326,18 +340,16 @@ def _evaluate(args: argparse.Namespace, error: Callable[[str], None]) -> int:
         else:
             pairs.append((str(image), str(label)))
     for message in failures:
-        error(message)
+        console.error(message)
     if failures and not args.skip_errors:
         return EXIT_IMAGES_FAILED
-    segmenter = _load(args, error)
-    if segmenter is None:
-        return EXIT_USAGE
-    progress = _Progress(len(pairs), sys.stderr, not args.quiet and (sys.stderr.isatty() or args.progress))
+    segmenter = _load(args, console)
+    progress = _Progress(len(pairs), sys.stderr, console.show_progress())
     bad: list[str] = []
 
     def on_error(file: str, message: str) -> None:
         progress.clear()
-        error(message)
+        console.error(message)
         bad.append(file)
         if not args.skip_errors:
             raise _Stop()
@@ -350,17 +362,18 @@ def _evaluate(args: argparse.Namespace, error: Callable[[str], None]) -> int:
     report = {"model": segmenter.name, "dataset": segmenter.dataset.name, **report,
               "skipped": sorted({*bad, *(m.split(":")[0] for m in failures)}),
               "seconds": round(time.perf_counter() - start, 3)}
-    if args.report == "json":
+    if fmt == "json":
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:
         sys.stdout.write(_report_text(report))
     sys.stdout.flush()
-    if target is not None:
+    if out is not None:
+        from mlx_evit.outputs import OutputError
+
         try:
-            target.write_text(json.dumps(report, indent=2) + "\n")
+            out.write_file("summary.json", json.dumps(report, indent=2) + "\n")
         except OutputError as e:
-            error(str(e))
-            return EXIT_USAGE
+            raise UsageError(e) from None
     return EXIT_OK if report["images"] else EXIT_IMAGES_FAILED
 
 
@@ -374,7 +387,7 @@ def _pct(value: Any) -> str:
 
 def _report_text(report: dict[str, Any]) -> str:
     lines = [
-        f"model {report['model']} on {report['images']} {report['dataset']} image(s)",
+        f"model {report['model']} on {plural(report['images'], report['dataset'] + ' image')}",
         f"mIoU            {_pct(report['miou'])}  ({report['classes_present']} of {report['num_classes']} "
         "classes present)",
         f"pixel accuracy  {_pct(report['pixel_accuracy'])}",
