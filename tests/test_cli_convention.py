@@ -145,7 +145,7 @@ def test_a_model_of_another_family_is_refused_without_a_download(tmp_path, capsy
     def no_hub(*a, **k):
         raise AssertionError("tried the Hub")
 
-    monkeypatch.setattr(mlx_evit.loading.hub, "pretrained_dir", no_hub)
+    monkeypatch.setattr(mlx_evit.loading.pipeline, "pretrained_dir", no_hub)
     monkeypatch.setattr(mlx_evit.api, "pretrained_weights", no_hub)
     Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
     code, _, err = run("segment", [tmp_path / "a.png", "-o", tmp_path / "o", "-m", "efficientvit_b0"], capsys)
@@ -441,8 +441,8 @@ def test_sam_everything_shows_progress_through_the_generator(where, tmp_path, ca
         Generator.generate = lambda self, image: [self.progress(i, 4) for i in range(1, 5)] and []
     if where == "generate":
         Generator.__init__ = lambda self, predictor, **options: calls.append(("options", options))
-    monkeypatch.setattr(mlx_evit.sam, "SamAutomaticMaskGenerator", Plain if where == "none" else Generator)
-    monkeypatch.setattr(mlx_evit.sam, "SamPredictor", lambda net: object())
+    monkeypatch.setattr(mlx_evit.tasks.mask_generator, "SamAutomaticMaskGenerator", Plain if where == "none" else Generator)
+    monkeypatch.setattr(mlx_evit.tasks.sam_predictor, "SamPredictor", lambda net: object())
     monkeypatch.setattr(sam_cli, "_load_model", lambda args, console: SimpleNamespace(arch_name="efficientvit_sam_l0"))
     Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
     code = sam_cli.main([str(tmp_path / "a.png"), "--everything", "--points-per-batch", "8", "-o",

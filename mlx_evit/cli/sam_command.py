@@ -250,7 +250,7 @@ def _box_xyxy(mask: np.ndarray) -> Optional[list[int]]:
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, console: Console) -> int:
     from mlx_evit.outputs import OutputError
-    from mlx_evit.tasks.preprocess import ImageLoadError, load_image
+    from mlx_evit.tasks.transforms import ImageLoadError, load_image
 
     if args.everything:
         refuse(parser, args, _PROMPT_ONLY, "applies to --point/--box prompts, not --everything")

@@ -248,7 +248,7 @@ def _check_model(args: argparse.Namespace) -> None:
 def _segment(parser: argparse.ArgumentParser, args: argparse.Namespace, console: Console) -> int:
     from mlx_evit.tasks.classifier import expand_inputs
     from mlx_evit.outputs import OutputError
-    from mlx_evit.tasks.preprocess import ImageLoadError, load_image
+    from mlx_evit.tasks.transforms import ImageLoadError, load_image
 
     refuse(parser, args, _EVAL_ONLY, "applies only with --eval")
     if not args.inputs:
