@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("mlx_evit.cli.evaluate", "accuracy on a folder of class subfolders (python -m mlx_evit.evaluate)"),
     "segment": ("mlx_evit.cli.segment", "semantic segmentation of images (python -m mlx_evit.segment)"),
     "sam": ("mlx_evit.cli.sam", "segment an image from points/boxes, or everything (python -m mlx_evit.sam)"),
+    "export": ("mlx_evit.cli.export", ".mlxfn files + export.json for C++ and Swift apps (SAM, seg, classification)"),
 }
 """Subcommand -> (module with ``main(argv)``, summary). Adding a command is one line here."""
 

@@ -83,15 +83,16 @@ def segmentation_steps(cfg: Optional[dict[str, Any]], size: tuple[int, int], mea
     h, w = size
     mode = (cfg or {}).get("crop_mode")
     if mode == "short_side":
-        native = ("the original evaluation sizes each image: short side 512, long side ceil(long / short * 512 / "
+        native = ("The original evaluation sizes each image: short side 512, long side ceil(long / short * 512 / "
                   f"32) * 32; this export takes exactly {h}x{w}, the size for images of that aspect ratio")
     else:
-        native = f"the original evaluation resizes every image to {h}x{w} whatever its aspect ratio"
-    formula = "(x - 255 * mean) * (1 / (255 * std))"
+        _, nh, nw = (cfg or {}).get("input_size", (3, h, w))
+        native = f"The original evaluation resizes every image to {nh}x{nw} whatever its aspect ratio"
+    formula = "(x - m) * r with m = float32(mean) * 255 and r = 1 / (float32(std) * 255), all float32"
     return {
         "preprocessing": [
             {"step": "decode", "text": "decode the image, apply its EXIF orientation, convert to 8-bit RGB"},
-            {"step": "resize", "size": [h, w], "interpolation": "opencv_cubic",
+            {"step": "resize", "size": [h, w], "interpolation": "opencv_cubic", "skip_if_equal": True,
              "text": f"resize to exactly {h}x{w} (H x W) with OpenCV cv2.resize(..., INTER_CUBIC) on uint8 "
                      f"(Keys cubic, A = -0.75, result rounded and saturated to 0..255); skipped when the image is "
                      f"already {h}x{w}. {native}"},
