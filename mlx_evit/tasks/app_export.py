@@ -65,6 +65,7 @@ for SAM L0); half precision rounds those differences to 8-11 bits."""
 QUANTIZED_TOLERANCE = 3e-2
 MAX_POINTS = 64
 LOW_RES = 256  # the decoder's masks: the 64x64 embedding upscaled 4x
+CHECK_FILE = "check.safetensors"
 
 ModelLike = Union[nn.Module, str, os.PathLike]
 SizeLike = Union[None, int, Sequence[int]]
@@ -139,7 +140,7 @@ def _class_names(model: nn.Module) -> Optional[list[str]]:
 
 
 def _dense(model: nn.Module, family: str, size: Optional[tuple[int, int]], batch: int, dtype: Optional[str],
-           quantize: Optional[int], rng: np.random.Generator) -> tuple[list[_Function], list[_Check], dict]:
+           quantize: Optional[int], rng: np.random.Generator) -> tuple[list[_Function], list[_Check], dict, dict]:
     """Classification or segmentation: one function, preprocessed images -> logits."""
     cfg = dict(model.pretrained_cfg or {})
     if family == "classification":
@@ -182,11 +183,11 @@ def _dense(model: nn.Module, family: str, size: Optional[tuple[int, int]], batch
             describe.update(dataset=dataset, classes=list(data.classes), palette=data.palette.tolist())
         describe["output_stride"] = 8
     describe["input_size"] = list(size)
-    return [fn], [_Check("model", {"images": np.array(x)}, [(0, None, expected)])], describe
+    return [fn], [_Check("model", {"images": np.array(x)}, [(0, None, expected)])], describe, {}
 
 
 def _sam(model: EfficientViTSam, size: Optional[tuple[int, int]], dtype: Optional[str], points: Sequence[int],
-         rng: np.random.Generator) -> tuple[list[_Function], list[_Check], dict]:
+         rng: np.random.Generator) -> tuple[list[_Function], list[_Check], dict, dict]:
     """Segment Anything: the image encoder and one prompt decoder per prompt length."""
     if size is not None:
         if size[0] != size[1]:
@@ -234,7 +235,8 @@ def _sam(model: EfficientViTSam, size: Optional[tuple[int, int]], dtype: Optiona
         checks += _decoder_checks(predictor, name, n, embeddings, (nh, nw), low_res, rng)
     describe = app_spec.sam_steps(S, PROMPT_FRAME, SAM_MEAN, SAM_STD, low_res, float(model.mask_threshold))
     describe["input_size"] = [S, S]
-    return functions, checks, describe
+    sample = {"image/rgb": rgb, "image/original_size": np.array([h, w], np.int32)}
+    return functions, checks, describe, sample
 
 
 def _decoder_checks(predictor: SamPredictor, name: str, n: int, embeddings: np.ndarray, frame: tuple[int, int],
@@ -298,6 +300,23 @@ mx.eval(results)
 assert not any(m.startswith("mlx_evit") for m in sys.modules), "mlx_evit was imported"
 mx.save_safetensors(outputs_file, results)
 """
+
+
+def _example_arrays(functions: list[_Function], checks: list[_Check]) -> dict[str, mx.array]:
+    """``check.safetensors``: each function's first check call, ``<function>/<input or output name>``.
+
+    The outputs are the library's (a decoder's four masks assembled from its single- and multimask
+    answers), so an app can test its port of the steps and functions against them.
+    """
+    arrays: dict[str, mx.array] = {}
+    for f in functions:
+        check = next(c for c in checks if c.function == f.name)
+        for name, value in check.inputs.items():
+            arrays[f"{f.name}/{name}"] = mx.array(np.ascontiguousarray(value))
+        for index, output in enumerate(f.outputs):
+            parts = [expected for i, _, expected in check.expected if i == index]
+            arrays[f"{f.name}/{output}"] = mx.array(np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
+    return arrays
 
 
 def _check(folder: Path, functions: list[_Function], checks: list[_Check]) -> tuple[dict, dict]:
@@ -400,9 +419,9 @@ def export_model(
             raise ExportError("quantize applies to classification and segmentation models, not SAM")
         if batch_size != 1:
             raise ExportError("the SAM export takes one image per call; batch_size must be 1")
-        functions, checks, describe = _sam(model, size, dtype, sorted(set(points)), rng)
+        functions, checks, describe, sample = _sam(model, size, dtype, sorted(set(points)), rng)
     else:
-        functions, checks, describe = _dense(model, family, size, batch_size, dtype, quantize, rng)
+        functions, checks, describe, sample = _dense(model, family, size, batch_size, dtype, quantize, rng)
     name = getattr(model, "arch_name", type(model).__name__)
     tolerance = QUANTIZED_TOLERANCE if quantize else TOLERANCE[dtype]
     with atomic_directory(target) as tmp:
@@ -439,6 +458,17 @@ def export_model(
             "check": {"max_relative_error": errors, "tolerance": tolerance,
                       "how": "each file imported in a fresh process with only mlx.core, run on inputs the "
                              "library answered; max|exported - library| / max|library|"},
+        }
+        examples = _example_arrays(functions, checks)
+        examples.update({k: mx.array(v) for k, v in sample.items()})
+        mx.save_safetensors(str(tmp / CHECK_FILE), examples)
+        spec["check"]["examples"] = {
+            "file": CHECK_FILE,
+            "text": "arrays '<function>/<input or output name>': one call of each function and the library's "
+                    "answer, for testing an app's port (mlx-swift: loadArrays(url:))"
+                    + ("; 'image/rgb' is the uint8 image the image_encoder/image input was made from, "
+                       "'image/original_size' its (h, w)" if sample else ""),
+            "arrays": {k: list(v.shape) for k, v in examples.items()},
         }
         (tmp / "export.json").write_text(_dumps(spec) + "\n", encoding="utf-8")
     return target.path
