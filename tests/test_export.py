@@ -128,8 +128,12 @@ def test_sam_export_json_describes_the_functions(sam_export):
     assert spec["prompts"]["frame"] == 1024
     assert {s["step"] for s in spec["postprocessing"]} >= {"upscale", "crop", "resize", "threshold"}
     assert all(0 <= e <= RTOL for e in spec["check"]["max_relative_error"].values()), spec["check"]
-    assert sorted(p.name for p in sam_export.iterdir()) == ["export.json", "image_encoder.mlxfn",
+    assert sorted(p.name for p in sam_export.iterdir()) == ["check.safetensors", "export.json", "image_encoder.mlxfn",
                                                           "prompt_decoder_2.mlxfn", "prompt_decoder_3.mlxfn"]
+    examples = mx.load(str(sam_export / "check.safetensors"))  # one call per function, the library's answers
+    assert examples["prompt_decoder_3/masks"].shape == (1, 4, 256, 256) and examples["image/rgb"].dtype == mx.uint8
+    (embeddings,) = mx.import_function(str(sam_export / "image_encoder.mlxfn"))(examples["image_encoder/image"])
+    assert relative_error(np.array(embeddings), np.array(examples["image_encoder/image_embeddings"])) <= RTOL
 
 
 def test_sam_export_reproduces_the_predictor_from_export_json_alone(sam_export, predictor, tmp_path):
@@ -255,6 +259,8 @@ def test_outputs_are_checked_first_and_replaced_only_with_force(b0_model_dir, tm
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(OutputError, match="not an mlx_evit export folder"):
         export_model(b0_model_dir, tmp_path / "other", force=True)
+    with pytest.raises(ExportError, match="points applies to Segment Anything"):
+        export_model(b0_model_dir, tmp_path / "app", image_size=32, points=(2,), force=True)
 
 
 @pytest.mark.parametrize("args, status, message", [
@@ -281,13 +287,19 @@ def _mlx_dir() -> Path:
 
 @pytest.mark.skipif(shutil.which("c++") is None or not (_mlx_dir() / "include" / "mlx" / "mlx.h").is_file(),
                     reason="needs a C++ compiler and the MLX headers of the mlx wheel")
-def test_cpp_sam_app_from_its_readme_gives_the_predictor_masks(sam_export, predictor, tmp_path):
+def test_cpp_sam_app_from_its_readme_gives_the_predictor_masks(l0_dir, tmp_path):
+    # The same L0 at encoder size 128 (the app reads S from export.json): MLX's bundled BLAS, which the
+    # C++ program uses, is slow, and the 230x300 photo then goes through Pillow's downscaling filter.
+    sam_export = export_model(l0_dir, tmp_path / "l0_128", image_size=128, points=(2, 3))
+    model = mlx_evit.load(l0_dir)
+    model.image_size = 128
+    predictor = SamPredictor(model, compile=False)
     block = re.search(r"```bash\n(.*?)```", (SAM_APP_DIR / "README.md").read_text(encoding="utf-8"), re.S).group(1)
     lines = block.splitlines()
     (tmp_path / "examples").symlink_to(ROOT / "examples", target_is_directory=True)
     build = next(line for line in lines if line.startswith("c++ "))
     subprocess.run(shlex.split(build.replace("$MLX", str(_mlx_dir()))), cwd=tmp_path, check=True, timeout=600)
-    rgb = synthetic.synthetic_image("input/test_export/cpp", 230, 300)  # resized 300 -> 512: Pillow's filter
+    rgb = synthetic.synthetic_image("input/test_export/cpp", 230, 300)
     Image.fromarray(rgb).save(tmp_path / "photo.ppm")
     predictor.set_image(rgb)
     runs = [shlex.split(line) for line in lines if line.startswith("./sam_app ")]
@@ -314,7 +326,7 @@ def test_cpp_sam_app_from_its_readme_gives_the_predictor_masks(sam_export, predi
         png = np.asarray(Image.open(tmp_path / args[3]))
         expected = logits[k] > 0
         assert png.dtype == np.uint8 and set(np.unique(png)) <= {0, 255}
-        # Same pixels, except where the logit is within float32 round-off of the threshold (none here).
+        # Same pixels, except where the logit is within float32 round-off of the threshold (a handful).
         clear = np.abs(logits[k]) > RTOL * np.abs(logits[k]).max()
-        assert np.array_equal((png > 0)[clear], expected[clear]) and (~clear).sum() <= 2
+        assert np.array_equal((png > 0)[clear], expected[clear]) and (~clear).mean() < 1e-3
         assert 0 < expected.sum() < expected.size and report["area"] == int((png > 0).sum())

@@ -104,11 +104,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
     def body() -> int:
-        from mlx_evit.tasks.app_export import DEFAULT_POINTS, ExportError, export_model
+        from mlx_evit.tasks.app_export import ExportError, export_model
 
         try:
             out = export_model(args.model, args.out_dir, image_size=args.image_size, batch_size=args.batch_size,
-                               dtype=args.dtype, quantize=args.quantize, points=args.points or DEFAULT_POINTS,
+                               dtype=args.dtype, quantize=args.quantize, points=args.points,
                                force=args.force, log=log)
         except OutputError as e:
             error(one_line(e))

@@ -60,8 +60,8 @@ DEFAULT_POINTS = (2,)
 """One click (with the padding point) or one box: the two prompts an app needs first."""
 TOLERANCE = {"float32": 1e-4, "float16": 3e-2, "bfloat16": 3e-2}
 """The largest ``max|imported - library| / max|library|`` the self-check accepts, by dtype: the fresh
-process runs MLX's own BLAS (float32 round-off, grown by the depth of the network; measured about 1e-6
-for SAM L0); half precision rounds those differences to 8-11 bits."""
+process runs MLX's own BLAS (float32 round-off, grown by the depth of the network; measured 1e-6 to
+4e-6 for SAM L0 and Seg B0); half precision rounds those differences to 8-11 bits."""
 QUANTIZED_TOLERANCE = 3e-2
 MAX_POINTS = 64
 LOW_RES = 256  # the decoder's masks: the 64x64 embedding upscaled 4x
@@ -374,7 +374,7 @@ def export_model(
     batch_size: int = 1,
     dtype: str = "float32",
     quantize: Optional[int] = None,
-    points: Sequence[int] = DEFAULT_POINTS,
+    points: Optional[Sequence[int]] = None,
     force: bool = False,
     log: Optional[Callable[[str], None]] = None,
 ) -> Path:
@@ -384,7 +384,7 @@ def export_model(
     ``batch_size``: images per call (classification, segmentation; SAM takes one image).
     ``dtype``: what the model computes in (``float32``, ``float16``, ``bfloat16``); inputs and outputs
     stay float32. ``quantize``: 4 or 8-bit ``nn.Linear`` weights (classification, segmentation).
-    ``points``: SAM prompt lengths N, one decoder each. ``force``: replace an existing export folder.
+    ``points``: SAM prompt lengths N, one decoder each (default :data:`DEFAULT_POINTS`). ``force``: replace an existing export folder.
     A model object is prepared in place (BatchNorms folded, cast, quantized). The folder is written
     atomically, after the self-check passed; returns its path. Raises :class:`ExportError` (and
     :class:`mlx_evit.outputs.OutputError` for the folder).
@@ -395,7 +395,7 @@ def export_model(
         raise ExportError(f"quantize must be one of {QUANT_BITS} bits, got {quantize!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ExportError(f"batch_size must be a positive integer, got {batch_size!r}")
-    points = tuple(points)
+    given_points, points = points is not None, tuple(DEFAULT_POINTS if points is None else points)
     if not points or any(isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_POINTS for n in points):
         raise ExportError(f"points must be prompt lengths between 1 and {MAX_POINTS}, got {points!r}")
     size = _size(image_size)
@@ -421,6 +421,8 @@ def export_model(
             raise ExportError("the SAM export takes one image per call; batch_size must be 1")
         functions, checks, describe, sample = _sam(model, size, dtype, sorted(set(points)), rng)
     else:
+        if given_points:
+            raise ExportError("points applies to Segment Anything models only")
         functions, checks, describe, sample = _dense(model, family, size, batch_size, dtype, quantize, rng)
     name = getattr(model, "arch_name", type(model).__name__)
     tolerance = QUANTIZED_TOLERANCE if quantize else TOLERANCE[dtype]
