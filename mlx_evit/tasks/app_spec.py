@@ -66,8 +66,7 @@ def classification_steps(cfg: dict[str, Any], size: tuple[int, int], transform: 
             {"step": "center_crop", "size": [h, w],
              "fill": [round(255 * m) for m in transform.mean] if mode == "border" else [0, 0, 0],
              "text": f"torchvision CenterCrop to {h}x{w}: if smaller, first pad (top/left get floor(pad / 2)) with "
-                     "the fill colour; then offset top = round_half_even((H' - {h}) / 2), left likewise"
-                     .replace("{h}", str(h))},
+                     f"the fill colour; then offset top = round_half_even((H' - {h}) / 2), left likewise"},
             _normalize_step(transform.mean, transform.std, "(x / 255 - mean) / std"),
             {"step": "layout", "layout": "NHWC", "text": "stack images as (batch, H, W, 3), float32, C order"},
         ],
