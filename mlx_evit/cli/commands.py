@@ -42,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("mlx_evit.cli.evaluate_command", "accuracy on a folder of class subfolders (also python -m mlx_evit.evaluate)"),
     "segment": ("mlx_evit.cli.segment_command", "semantic segmentation of images (also python -m mlx_evit.segment)"),
     "sam": ("mlx_evit.cli.sam_command", "segment an image from points/boxes, or everything (also python -m mlx_evit.sam)"),
+    "export": ("mlx_evit.cli.export_command", ".mlxfn files + export.json for C++ and Swift apps (SAM, seg, classification)"),
 }
 """Subcommand -> (module with ``main(argv, prog=None)``, summary). Adding a command is one line here."""
 

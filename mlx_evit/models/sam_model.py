@@ -337,7 +337,7 @@ class PromptEncoder(nn.Module):
     Without a mask the dense embedding is the same for every prompt and has batch 1.
 
     Coordinates are pixels of the 1024 frame. Point labels: 1 foreground,
-    0 background, -1 padding (its positional encoding is dropped).
+    0 background, 2/3 box corners, -1 padding (its positional encoding is dropped).
     """
 
     def __init__(self, embed_dim: int = 256, embed_size: int = EMBED_SIZE, frame: int = PROMPT_FRAME,
@@ -371,8 +371,8 @@ class PromptEncoder(nn.Module):
         pe = self.pe_layer.encode(points / self.frame)
         lab = labels[..., None]
         pe = mx.where(lab == -1, self.not_a_point_embed.weight[0], pe)
-        pe = pe + mx.where(lab == 0, self.point_embeddings[0].weight[0], 0.0)
-        pe = pe + mx.where(lab == 1, self.point_embeddings[1].weight[0], 0.0)
+        for i, embedding in enumerate(self.point_embeddings):  # 0 bg, 1 fg, 2/3 box corners (Meta's ONNX)
+            pe = pe + mx.where(lab == i, embedding.weight[0], 0.0)
         return pe
 
     def embed_boxes(self, boxes: mx.array) -> mx.array:
@@ -503,7 +503,7 @@ class MaskDecoder(nn.Module):
 
     ``__call__(image_embeddings (1 or B, 64, 64, 256), image_pe (1, 64, 64, 256), sparse (B, N, 256),
     dense (B, 64, 64, 256), multimask_output)`` -> (low-res logits ``(B, C, 256, 256)``, IoU ``(B, C)``),
-    C = 3 (masks 1-3) or 1 (mask 0).
+    C = 3 (masks 1-3), 1 (mask 0) or 4 (all, ``multimask_output=None``).
     """
 
     def __init__(self, dim: int = 256, num_multimask_outputs: int = 3, iou_head_depth: int = 3,
@@ -535,7 +535,8 @@ class MaskDecoder(nn.Module):
         hs, src = self.transformer(src, pos, tokens)
         if src.shape[0] != B:  # no prompt reached the image side (cannot happen with tokens)
             src = mx.broadcast_to(src, (B,) + src.shape[1:])
-        first, count = (1, self.num_mask_tokens - 1) if multimask_output else (0, 1)
+        n = self.num_mask_tokens  # multimask None: all n masks (export); True: masks 1..n-1; False: mask 0
+        first, count = (0, n) if multimask_output is None else (1, n - 1) if multimask_output else (0, 1)
         x = src.reshape(B, h, w, C)
         for layer in self.output_upscaling:
             x = layer(x)
