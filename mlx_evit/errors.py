@@ -40,12 +40,12 @@ class ConversionError(ValueError):
     """A checkpoint cannot be converted or loaded; the message is one line naming the problem."""
 
 
+class ModelConfigError(ConversionError):
+    """A model folder's ``config.json`` holds an unknown or out-of-range value; the message names the file and key."""
+
+
 class HubError(RuntimeError):
     """Pretrained weights cannot be fetched or converted; the message says why and what to do."""
-
-
-class ModelConfigError(ValueError):
-    """A model folder's ``config.json`` holds an unknown or out-of-range value; the message names the file and key."""
 
 
 def short_name(value: object, limit: int = 80, bare: bool = False) -> str:

@@ -26,6 +26,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from mlx_evit.loading.arch_schema import check_model_config
 from mlx_evit.loading.checkpoint import read_checkpoint
 from mlx_evit.loading.conversion import Source, registry_name, replay_warnings
 from mlx_evit.ops.dtypes import DTYPES, cast_model, dtype_name, model_dtype
@@ -82,6 +83,8 @@ def _tuplify(value: Any) -> Any:
 
 def _read_json(path: Path) -> dict:
     try:
+        if path.exists() and not path.is_file():  # a FIFO would block in read_bytes
+            raise ConversionError(f"{path}: not a regular file")
         if path.stat().st_size > _MAX_CONFIG_BYTES:
             raise ConversionError(f"{path}: larger than {_MAX_CONFIG_BYTES} bytes, not a model config")
         config = json.loads(path.read_bytes().decode("utf-8"))
@@ -247,6 +250,7 @@ def read_model_dir(
         get_entry(arch)
     except ValueError as e:
         raise ConversionError(f"{config_path}: {e}") from None
+    check_model_config(config_path, config, folder / WEIGHTS_NAME)  # before anything is built
     if name is not None and split_name(name)[0] != arch:
         raise ConversionError(f"{folder} holds {arch}, not {split_name(name)[0]}")
     dtype = config.get("dtype", "float32")
