@@ -902,6 +902,10 @@ def worker_main() -> None:
             run_case(case, scratch)
         except Exception as e:  # judged below; BaseExceptions (SystemExit...) end the worker: a crash
             message = str(e)
+            if type(e).__name__ == "CheckpointMismatchError":  # a key listing by design; commands print this
+                from mlx_evit.errors import describe_error
+
+                message = describe_error(e)
             if not _is_library_error(e):
                 outcome, detail = "foreign", f"{type(e).__module__}.{type(e).__name__}: {message[:300]!r}"
             elif "\n" in message or len(message) > 1000:

@@ -21,7 +21,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_evit.loading.checkpoint import CheckpointInfo
-from mlx_evit.errors import ConversionError, mismatch_parts
+from mlx_evit.errors import ConversionError, mismatch_parts, short_name
 from mlx_evit.models.registry import build_model, get_entry, list_models, split_name
 from mlx_evit.models.keymap import IDENTITY, KeyMap, adapt_params, fit_report, map_state_dict, param_shapes, rename_state_dict, select_layout
 
@@ -175,7 +175,7 @@ def detect(tensors: Mapping[str, np.ndarray], info: Optional[CheckpointInfo] = N
     keys = list(tensors)
     family = [(arch, layout) for arch in supported if (layout := _layout_for(arch, keys)) is not None]
     if not family:
-        sample = ", ".join(keys[:4]) or "none"
+        sample = ", ".join(short_name(k, 60, bare=True) for k in keys[:4]) or "none"
         raise ConversionError(
             f"unknown network: {source}: its keys (first: {sample}) match no supported EfficientViT layout; "
             f"candidates: {', '.join(supported)}"
@@ -229,7 +229,7 @@ def verify(name: str, tensors: Mapping[str, np.ndarray], info: CheckpointInfo,
     except ConversionError:
         pass
     if found is None:
-        sample = ", ".join(list(tensors)[:4]) or "none"
+        sample = ", ".join(short_name(k, 60, bare=True) for k in list(tensors)[:4]) or "none"
         raise ConversionError(
             f"{info.path} is not a {arch} checkpoint: its keys (first: {sample}) match none of its layouts{hint}"
         )
