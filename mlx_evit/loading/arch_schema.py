@@ -197,7 +197,7 @@ def check_pretrained_cfg(arch: Any, cfg: Any, where: str) -> None:
                        ("interpolation", {"nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"})):
         value = cfg.get(key)
         allowed = names | {getattr(c, key) for c in tags}
-        if value is not None and value not in allowed:
+        if value is not None and (not isinstance(value, str) or value not in allowed):
             raise ModelConfigError(f"{where}: pretrained_cfg.{key} = {_show(value)} is not one of "
                                    f"{', '.join(sorted(allowed))}")
     for key in ("mean", "std"):
