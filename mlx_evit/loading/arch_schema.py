@@ -16,7 +16,8 @@ file and the key, before anything is built:
   registered architectures has (``widths`` and ``depths`` of 5 stages, ...);
 * sizes must be ones the weights file can hold: no width/class count larger
   than every dimension of the file's tensors, no more blocks than it has
-  tensors (read from the safetensors header, no tensor is read);
+  tensors, no more blocks than half its tensor count (read from the
+  safetensors header, no tensor is read);
 * ``pretrained_cfg``: ``input_size`` sides and their resize within
   :data:`MAX_INPUT_SIDE`, known ``crop_mode``/``interpolation`` names,
   3 finite ``mean``/``std`` values (``std`` non-zero).
@@ -163,9 +164,9 @@ def check_arch_args(arch: Any, args: Any, where: str, dims: Optional[tuple[int, 
     if dims is not None:
         blocks = sum(sum(v) for k, v in args.items() if k in ("depths", "depth") and isinstance(v, list))
         blocks += sum(v for k, v in args.items() if k in ("head_depth", "neck_depth") and isinstance(v, int))
-        if blocks > dims[1]:
+        if 2 * blocks > dims[1]:  # every block has a weight and a norm at least
             raise ModelConfigError(f"{where}: arch_args ask for {blocks} blocks but the weights file holds only "
-                                   f"{dims[1]} tensors")
+                                   f"{dims[1]} tensors (at least 2 per block)")
 
 
 def check_pretrained_cfg(arch: Any, cfg: Any, where: str) -> None:
