@@ -30,7 +30,7 @@ from __future__ import annotations
 import io
 import pickle
 import pickletools
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple, Optional
 
 from mlx_evit.errors import CheckpointError, one_line, short_name
 
@@ -241,12 +241,14 @@ def classify_global(module: str, name: str, where: str) -> str:
     )
 
 
-def scan_pickle(stream: BinaryIO, where: str, require_end: bool = False) -> None:
+def scan_pickle(stream: BinaryIO, where: str, require_end: bool = False, max_ops: Optional[int] = None) -> None:
     """Check every opcode and every named global of a pickle stream without running it.
 
     Reads ``stream`` only up to the first ``STOP`` (the caller bounds the
     stream's length, e.g. with :class:`BoundedReader`). ``require_end``:
-    bytes after the ``STOP`` are an error.
+    bytes after the ``STOP`` are an error. ``max_ops``: more opcodes than
+    this are refused (scanning costs about 2 us an opcode; a state dict
+    needs a few dozen per tensor).
     """
     memo: dict[int, Any] = {}
     recent: list[Any] = []  # what each value-pushing opcode pushed, if a literal string
@@ -255,6 +257,10 @@ def scan_pickle(stream: BinaryIO, where: str, require_end: bool = False) -> None
     try:
         for opcode, arg, pos in pickletools.genops(stream):
             count += 1
+            if max_ops is not None and count > max_ops:
+                raise CheckpointError(
+                    f"{where}: over {max_ops} pickle opcodes, far more than a state dict of its storages needs"
+                )
             op = opcode.name
             if op == "INST":  # protocol 0 call: name the global it would run
                 module, _, name = arg.partition(" ")

@@ -10,8 +10,10 @@ Resources are bounded by what the file really holds:
 * member names must be relative, without ``..``, backslashes or control
   characters; a stored (uncompressed) member's sizes must agree;
 * ``data.pkl`` may inflate to at most :func:`pickle_limit` bytes (a state
-  dict's pickle is small: 8 MiB plus 4 KiB per archive member); it is
-  streamed, never held whole, and scanning stops at its ``STOP``;
+  dict's pickle is small: 8 MiB plus 4 KiB per archive member) and hold at
+  most :func:`pickle_op_limit` opcodes (200 000 plus 200 per member: at most
+  about a second of scanning); it is streamed, never held whole, and
+  scanning stops at its ``STOP``;
 * compressed members together may inflate to at most
   ``INFLATE_FACTOR`` times the archive's size plus ``INFLATE_SLACK``
   (torch itself never compresses, so this only limits zip bombs);
@@ -44,7 +46,7 @@ from mlx_evit.loading.torch_pickle import (
     TensorRef, TensorType, classify_global, scan_pickle,
 )
 
-__all__ = ["TorchArchive", "pickle_limit", "INFLATE_FACTOR", "INFLATE_SLACK"]
+__all__ = ["TorchArchive", "pickle_limit", "pickle_op_limit", "INFLATE_FACTOR", "INFLATE_SLACK"]
 
 INFLATE_FACTOR = 8
 INFLATE_SLACK = 16 * 2**20
@@ -53,6 +55,12 @@ INFLATE_SLACK = 16 * 2**20
 def pickle_limit(members: int) -> int:
     """Largest ``data.pkl`` accepted in an archive of ``members`` members (bytes)."""
     return 8 * 2**20 + 4096 * members
+
+
+def pickle_op_limit(members: int) -> int:
+    """Most opcodes scanned in the ``data.pkl`` of an archive of ``members`` members (a tensor takes
+    a few dozen; the constant leaves room for training arguments and metrics beside the weights)."""
+    return 200_000 + 200 * members
 
 
 class TorchArchive:
@@ -176,7 +184,8 @@ class TorchArchive:
             self._inflate_left -= info.file_size  # it is inflated twice: scan, then unpickle
         message = f"{where}: longer than its declared {info.file_size} bytes"
         with self._open_member(info) as raw:
-            scan_pickle(io.BufferedReader(BoundedReader(raw, info.file_size, message)), where, require_end=True)
+            scan_pickle(io.BufferedReader(BoundedReader(raw, info.file_size, message)), where, require_end=True,
+                        max_ops=pickle_op_limit(len(self.members)))
         with self._open_member(info) as raw:
             unpickler = RestrictedUnpickler(io.BufferedReader(BoundedReader(raw, info.file_size, message)), self,
                                             where)
