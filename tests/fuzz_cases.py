@@ -365,6 +365,10 @@ def defect_cases(work: Path, seeds: Optional[dict[str, Path]] = None) -> dict[st
     _pickle_bomb(p, 992 * 2**20)
     add("pickle_bomb", "zip", "read", p, "data.pkl")
 
+    p = work / "pickle_noops.pt"  # 8 MiB of no-ops: under the byte limit, over the opcode limit
+    _pickle_bomb(p, 8 * 2**20)
+    add("pickle_noops", "zip", "read", p, "opcodes")
+
     numel = 3 * 2**28 + 2**27  # 3.75 GiB of float32 declared, deflated
     p = work / "storage_bomb.pt"
     _deflated_zeros_zip(p, _state_pickle([("w", _tensor("0", "FloatStorage", numel, 0, (numel,), (1,)))]), "0",

@@ -18,7 +18,7 @@ from mlx_evit.errors import CheckpointError
 from mlx_evit.loading.checkpoint import read_checkpoint
 
 DEFECTS = [
-    "pickle_bomb", "storage_bomb", "size_lie", "aliases", "stride0", "newline_key", "long_key",
+    "pickle_bomb", "pickle_noops", "storage_bomb", "size_lie", "aliases", "stride0", "newline_key", "long_key",
     "corrupt_deflate", "corrupt_lzma", "zip_version", "plain_pickle",
     "image_1x100000", "image_100000x1", "image_3x60000", "image_fifo",
     "depth_million", "window_150", "embed_dim_1e9", "num_classes_1e12", "zeros", "zero_widths", "nested_980",
@@ -45,7 +45,7 @@ def test_defect_is_a_clean_bounded_error(defects, name):
     result, expect = defects[name]
     assert result.outcome == "clean", f"{result.outcome}: {result.detail}"
     assert expect in result.detail, result.detail
-    assert result.peak <= result.bound and result.seconds < 20
+    assert result.peak <= result.bound and result.seconds < (5 if name == "pickle_noops" else 20)
 
 
 def test_plain_pickle_sniffing_reads_a_few_bytes(tmp_path, monkeypatch):
