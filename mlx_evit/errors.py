@@ -17,6 +17,8 @@ __all__ = [
     "one_line",
     "mismatch_parts",
     "describe_error",
+    "ModelConfigError",
+    "short_name",
 ]
 
 
@@ -38,8 +40,31 @@ class ConversionError(ValueError):
     """A checkpoint cannot be converted or loaded; the message is one line naming the problem."""
 
 
+class ModelConfigError(ConversionError):
+    """A model folder's ``config.json`` holds an unknown or out-of-range value; the message names the file and key."""
+
+
 class HubError(RuntimeError):
     """Pretrained weights cannot be fetched or converted; the message says why and what to do."""
+
+
+def short_name(value: object, limit: int = 80, bare: bool = False) -> str:
+    """``value`` quoted for a one-line message: control characters escaped, long text cut in the middle.
+
+    ``short_name("a\\nb")`` is ``'a\\nb'`` (the newline escaped); a 20 MB key
+    becomes its first and last characters around ``...`` plus its length,
+    so messages stay short whatever a file names. ``bare``: a short name of
+    plain characters (letters, digits, ``_.:/-``) is given without quotes.
+    """
+    raw = value if isinstance(value, str) else str(value)
+    if bare and len(raw) <= limit and raw and all(c.isascii() and (c.isalnum() or c in "_.:/-") for c in raw):
+        return raw
+    text = repr(raw)
+    if len(text) <= limit:
+        return text
+    keep = max(8, limit - 24)
+    head, tail = repr(raw[: keep * 2 // 3])[: keep * 2 // 3], repr(raw[-(keep // 3):])[-(keep // 3):]
+    return f"{head}...{tail} ({len(raw)} chars)"
 
 
 def one_line(message: object, limit: Optional[int] = None) -> str:

@@ -25,10 +25,8 @@ LAYERS = (
     ("mlx_evit.errors", "mlx_evit.version", "mlx_evit.outputs"),
     ("mlx_evit.ops",),
     ("mlx_evit.models",),
-    ("mlx_evit.loading.checkpoint", "mlx_evit.loading.safetensors_file", "mlx_evit.loading.torch_file",
-     "mlx_evit.loading.identify", "mlx_evit.loading.model_dir", "mlx_evit.loading.hub",
-     "mlx_evit.loading.arch_schema", "mlx_evit.loading.limits"),
-    ("mlx_evit.loading.pipeline", "mlx_evit.loading"),
+    ("mlx_evit.loading",),  # the readers and sources: checkpoint, identify, model_dir, hub, arch_schema, ...
+    ("mlx_evit.loading.pipeline",),
     ("mlx_evit.api", "mlx_evit"),
     ("mlx_evit.tasks",),
     ("mlx_evit.cli",),

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from mlx_evit.errors import ConversionError, mismatch_parts
+from mlx_evit.errors import ConversionError, mismatch_parts, short_name
 from mlx_evit.models.keymap import KeyMap
 from mlx_evit.models.registry import get_entry, list_models, split_name
 
@@ -133,7 +133,7 @@ def match(arch: str, shapes: Shapes, layout: Optional[KeyMap] = None) -> Optiona
     adapted, resized = _patterns(arch, "adapted_keys"), _patterns(arch, "resized_keys")
 
     def named(k: str) -> str:
-        return origin[k] + (f" (-> {k})" if origin[k] != k else "")
+        return short_name(origin[k], 120, bare=True) + (f" (-> {k})" if origin[k] != k else "")
 
     missing = tuple(k for k in expected if k not in origin)
     unexpected = tuple(sorted(named(k) for k in origin
@@ -147,7 +147,7 @@ def match(arch: str, shapes: Shapes, layout: Optional[KeyMap] = None) -> Optiona
         if got == want:
             matched += 1
         elif not any(re.search(p, k) for p in resized):
-            mismatched.append(f"{origin[k]}: checkpoint {tuple(int(d) for d in shapes[origin[k]])} "
+            mismatched.append(f"{short_name(origin[k], 120, bare=True)}: checkpoint {tuple(int(d) for d in shapes[origin[k]])} "
                               f"({got} values) vs model ({want} values)")
         else:
             matched += 1
@@ -184,7 +184,7 @@ def identify_checkpoint(shapes: Shapes, config: Optional[Mapping[str, Any]] = No
         return found
     fits = [f for arch in supported if (f := match(arch, shapes)) is not None]
     if not fits:
-        sample = ", ".join(list(shapes)[:4]) or "none"
+        sample = ", ".join(short_name(k, 60, bare=True) for k in list(shapes)[:4]) or "none"
         raise ConversionError(
             f"unknown network: {source}: its keys (first: {sample}) match no supported EfficientViT layout; "
             f"candidates: {', '.join(supported)}"
@@ -221,7 +221,7 @@ def verify(name: str, shapes: Shapes, *, source: str = "checkpoint") -> KeyMap:
     scores = [lay.matches(shapes) for lay in layouts]
     if scores and max(scores) > 0:
         return layouts[scores.index(max(scores))]
-    sample = ", ".join(list(shapes)[:4]) or "none"
+    sample = ", ".join(short_name(k, 60, bare=True) for k in list(shapes)[:4]) or "none"
     raise ConversionError(
         f"{source} is not a {arch} checkpoint: its keys (first: {sample}) match none of its layouts"
         f"{looks_like(shapes, arch)}"

@@ -26,6 +26,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from mlx_evit.loading.arch_schema import check_model_config
 from mlx_evit.errors import ConversionError, one_line
 from mlx_evit.models.keymap import param_shapes
 from mlx_evit.models.registry import build_model, get_entry, registry_name
@@ -79,6 +80,8 @@ def _tuplify(value: Any) -> Any:
 
 def _read_json(path: Path) -> dict:
     try:
+        if path.exists() and not path.is_file():  # a FIFO would block in read_bytes
+            raise ConversionError(f"{path}: not a regular file")
         if path.stat().st_size > _MAX_CONFIG_BYTES:
             raise ConversionError(f"{path}: larger than {_MAX_CONFIG_BYTES} bytes, not a model config")
         config = json.loads(path.read_bytes().decode("utf-8"))
@@ -228,6 +231,7 @@ def read_config(config_path: PathLike) -> ModelDirConfig:
         get_entry(arch)
     except ValueError as e:
         raise ConversionError(f"{config_path}: {e}") from None
+    check_model_config(config_path, config, config_path.parent / WEIGHTS_NAME)  # before anything is built
     dtype = config.get("dtype", "float32")
     if dtype not in DTYPES:
         raise ConversionError(f"{config_path}: unsupported dtype {dtype!r}")

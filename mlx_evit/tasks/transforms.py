@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import struct
 import warnings
 from collections.abc import Mapping, Sequence
@@ -44,6 +45,10 @@ __all__ = [
     "INTERPOLATIONS",
     "CROP_MODES",
     "load_image",
+    "MAX_IMAGE_SIDE",
+    "MAX_ASPECT_RATIO",
+    "MAX_RESIZED_PIXELS",
+    "MAX_INPUT_SIDE",
     "to_rgb",
     "eval_transform",
     "preprocess",
@@ -68,6 +73,15 @@ _DEFAULT_CROP_PCT = 0.875  # timm's value when a config gives none
 _DEFAULT_SIZE = 224
 _LOAD_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 
+MAX_IMAGE_SIDE = 1 << 16
+"""Longest accepted image side, in pixels."""
+MAX_ASPECT_RATIO = 100
+"""Largest accepted ratio of an image's long side to its short side."""
+MAX_RESIZED_PIXELS = 1 << 26
+"""Largest image the evaluation resize may produce (before the center crop)."""
+MAX_INPUT_SIDE = 8192
+"""Largest side of a preprocessing config's ``input_size`` and of its resize target."""
+
 
 class ImageLoadError(ValueError):
     """An image file could not be read; the message names the file and the cause."""
@@ -79,24 +93,30 @@ class ImageLoadError(ValueError):
 def load_image(path: PathLike) -> Image.Image:
     """Decode an image file into an 8-bit RGB PIL image, upright.
 
+    The file must be a regular file (a FIFO or device is refused before it
+    is opened: opening a FIFO blocks). Its size, read from the header before
+    any pixel is decoded, must be within :data:`MAX_IMAGE_SIDE` per side,
+    :data:`MAX_ASPECT_RATIO` between the sides and ``PIL.Image.MAX_IMAGE_PIXELS``
+    pixels (Pillow's decompression-bomb limit, enforced from the limit on).
     The whole file is decoded here (so a truncated file fails now, not later),
     the EXIF orientation tag is applied, and the pixels go through
-    :func:`to_rgb`. Images over ``PIL.Image.MAX_IMAGE_PIXELS`` are refused
-    (Pillow's decompression-bomb guard; Pillow only warns below twice the
-    limit, we refuse from the limit on).
+    :func:`to_rgb`. The returned image's ``filename`` is ``path``.
     Raises :class:`ImageLoadError` for a missing, unreadable, non-image,
     corrupt or oversized file.
     """
     name = os.fspath(path)
     try:
-        with warnings.catch_warnings():
-            # Silences Pillow's bomb warning only; _check_pixel_limit decides.
+        with _open_regular(name) as f, warnings.catch_warnings():
+            # Silences Pillow's bomb warning only; _check_size decides.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(name) as img:
-                _check_pixel_limit(img)
+            with Image.open(f) as img:
+                _check_size(name, img.width, img.height)
                 img.load()
-                upright = ImageOps.exif_transpose(img)
-                return to_rgb(upright)
+                rgb = to_rgb(ImageOps.exif_transpose(img))
+                rgb.filename = name  # what later size errors name (PIL's own attribute for a file's path)
+                return rgb
+    except ImageLoadError:
+        raise
     except FileNotFoundError:
         raise ImageLoadError(f"{name}: no such file") from None
     except IsADirectoryError:
@@ -106,21 +126,43 @@ def load_image(path: PathLike) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageLoadError(f"{name}: not an image file Pillow can read") from None
     except Image.DecompressionBombError as e:
-        raise ImageLoadError(
-            f"{name}: image too large to decode safely ({e}); "
-            "raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"
-        ) from None
+        raise ImageLoadError(f"{name}: image too large to decode safely ({one_line(e, 200)})") from None
     except _LOAD_ERRORS as e:
-        raise ImageLoadError(f"{name}: cannot decode image ({one_line(e)})") from None
+        raise ImageLoadError(f"{name}: cannot decode image ({one_line(e, 200)})") from None
 
 
-def _check_pixel_limit(img: Image.Image) -> None:
-    """Pillow's decompression-bomb limit as a hard error, whatever the warning filters say."""
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and img.width * img.height > limit:
-        raise Image.DecompressionBombError(
-            f"Image size ({img.width * img.height} pixels) exceeds limit of {limit} pixels"
+def _open_regular(name: str) -> Any:
+    """``name`` opened for reading if it is a regular file; anything else is refused before ``open``."""
+    st = os.stat(name)
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(name)
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageLoadError(f"{name}: not a regular file (a FIFO, device or socket), not an image file")
+    fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # never blocks, even if swapped for a FIFO
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ImageLoadError(f"{name}: not a regular file (a FIFO, device or socket), not an image file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_size(name: str, width: int, height: int) -> None:
+    """Bound an image's sides, aspect ratio and pixel count before it is decoded."""
+    if width < 1 or height < 1:
+        raise ImageLoadError(f"{name}: image of {width}x{height} pixels is empty")
+    if max(width, height) > MAX_IMAGE_SIDE:
+        raise ImageLoadError(f"{name}: image of {width}x{height} pixels has a side over {MAX_IMAGE_SIDE} pixels")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageLoadError(
+            f"{name}: image of {width}x{height} pixels has an aspect ratio over {MAX_ASPECT_RATIO}:1 "
+            "(too narrow to resize for a model)"
         )
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise ImageLoadError(f"{name}: image too large: {width}x{height} = {width * height} pixels is over the "
+                             f"limit of {limit} pixels (a decompression bomb?)")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -203,8 +245,18 @@ class EvalTransform:
         ratio = max(ratio_h, ratio_w) if self.crop_mode == "border" else min(ratio_h, ratio_w)
         return max(1, round(width / ratio)), max(1, round(height / ratio))
 
+    def check_size(self, width: int, height: int, name: str = "image") -> None:
+        """Refuse a ``width x height`` image whose resize would exceed :data:`MAX_RESIZED_PIXELS`."""
+        new_w, new_h = self.resized_size(width, height)
+        if new_w * new_h > MAX_RESIZED_PIXELS:
+            raise ImageLoadError(
+                f"{name}: image of {width}x{height} pixels would be resized to {new_w}x{new_h}, over the limit of "
+                f"{MAX_RESIZED_PIXELS} pixels for input_size {self.size[0]}x{self.size[1]} (aspect ratio too extreme)"
+            )
+
     def crop_uint8(self, image: Image.Image) -> np.ndarray:
         """Resize and center-crop an RGB image: ``(H, W, 3)`` uint8, before scaling."""
+        self.check_size(*image.size, name=getattr(image, "filename", None) or "image")
         new_size = self.resized_size(*image.size)
         if new_size != image.size:
             image = image.resize(new_size, INTERPOLATIONS[self.interpolation])
@@ -280,6 +332,9 @@ def eval_transform(cfg: Union[PretrainedCfg, Mapping[str, Any], EvalTransform]) 
     )
     if min(transform.scale_size) < 1:
         raise ValueError(f"input_size {size} with crop_pct {crop_pct} resizes to nothing")
+    if max(transform.scale_size) > MAX_INPUT_SIDE:
+        raise ValueError(f"input_size {size} with crop_pct {crop_pct} resizes to {transform.scale_size}, over "
+                         f"{MAX_INPUT_SIDE} pixels a side")
     if any(s == 0 for s in transform.std):
         raise ValueError(f"std must be non-zero, got {transform.std}")
     return transform
@@ -299,7 +354,9 @@ def _parse_size(value: Any) -> tuple[int, int]:
     else:
         raise ValueError(f"input_size must be an int, (H, W) or (3, H, W), got {value!r}")
     if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in sizes):
-        raise ValueError(f"input_size must hold positive integers, got {value!r}")
+        raise ValueError(f"input_size must hold positive integers, got {one_line(repr(value), 80)}")
+    if max(sizes) > MAX_INPUT_SIDE:
+        raise ValueError(f"input_size {tuple(int(s) for s in sizes)} is over {MAX_INPUT_SIDE} pixels a side")
     return int(sizes[0]), int(sizes[1])
 
 
