@@ -116,7 +116,7 @@ def run_case(case: Case, scratch: Path) -> None:
     """Run one case through the public API (raises whatever the API raises)."""
     import mlx_evit
     from mlx_evit.loading.checkpoint import read_checkpoint
-    from mlx_evit.tasks.preprocess import eval_transform
+    from mlx_evit.tasks.transforms import eval_transform
 
     if case.kind == "read":
         read_checkpoint(case.path)
@@ -156,7 +156,7 @@ def worker_main() -> None:
     sys.addaudithook(hook)
     import mlx_evit  # noqa: F401 (warm imports before the first measurement)
     from mlx_evit.loading import checkpoint  # noqa: F401
-    from mlx_evit.tasks import preprocess  # noqa: F401
+    from mlx_evit.tasks import transforms  # noqa: F401
 
     scratch = Path(tempfile.mkdtemp(prefix="fuzzw"))
     out = sys.stdout

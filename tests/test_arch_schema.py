@@ -8,7 +8,8 @@ import pytest
 
 from mlx_evit.errors import ModelConfigError, short_name
 from mlx_evit.loading.arch_schema import check_arch_args, check_model_config, check_pretrained_cfg
-from mlx_evit.loading.model_dir import read_model_dir, save_model
+from mlx_evit.loading.model_dir import save_model
+from mlx_evit.loading.pipeline import open_model
 from mlx_evit.models.registry import build_model, list_models, get_entry
 
 
@@ -51,7 +52,7 @@ def test_folder_refused_before_building(b0_dir, change, message):
 
 
 def test_intact_folder_loads(b0_dir):
-    assert read_model_dir(b0_dir).model.num_classes == 10
+    assert open_model(b0_dir).model.num_classes == 10
 
 
 def test_short_name_escapes_and_shortens():

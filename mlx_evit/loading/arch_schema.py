@@ -39,7 +39,7 @@ from mlx_evit.loading.tensor_formats import check_regular_file
 __all__ = ["RULES", "MAX_INPUT_SIDE", "check_model_config", "check_arch_args", "check_pretrained_cfg"]
 
 MAX_INPUT_SIDE = 8192
-"""Largest side of a preprocessing ``input_size`` and of its resize target (as in tasks.preprocess)."""
+"""Largest side of a preprocessing ``input_size`` and of its resize target (as in tasks.transforms)."""
 _MAX_NESTING = 2
 _MAX_LIST = 64
 
