@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # fine-tuning: mlx_evit.cli.sam_train
+        return __import__("mlx_evit.cli.sam_train", fromlist=["main"]).main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
