@@ -225,22 +225,23 @@ def _correction(prompts: dict, previous: np.ndarray, targets: np.ndarray, valid:
     return out
 
 
-def validation_iou(model: nn.Module, embeddings: Embeddings, ranks: Ranks) -> float:
-    """Mean mask IoU over the validation masks from their exact boxes (one output), in the 256 frame's
-    image region; each rank its share of the images."""
+def validation_iou(model: nn.Module, embeddings: Embeddings, ranks: Ranks) -> tuple[float, float]:
+    """(mean mask IoU, mean loss) over the validation masks from their exact boxes (one output); the IoU
+    in the 256 frame's image region. Each rank its share of the images."""
     lo, hi = shard_bounds(len(embeddings.items), ranks.size, ranks.rank)
-    total = np.zeros(2)
+    total = np.zeros(3)
     for i in range(lo, hi):
         prep = embeddings.items[i][1]
-        sparse, dense = model.prompt_encoder(None, mx.array(prep.boxes), None)
-        low, _ = model.mask_decoder(embeddings([i]), model.prompt_encoder.dense_pe(), sparse, dense, False)
+        targets = mx.array(prep.targets.astype(np.float32))
+        losses, low = _losses(model, embeddings([i]), mx.zeros((len(targets),), mx.int32),
+                              {"boxes": mx.array(prep.boxes)}, targets, False)
         h, w = prep.valid
-        pred = np.array(low[:, 0, :h, :w]) > 0
+        pred = np.array(low[:, :h, :w]) > 0
         t = prep.targets[:, :h, :w]
         union = (pred | t).sum(axis=(1, 2))
-        total += [((pred & t).sum(axis=(1, 2)) / np.maximum(union, 1)).sum(), len(t)]
-    s, n = ranks.all_sum(total)
-    return float(s / max(n, 1))
+        total += [((pred & t).sum(axis=(1, 2)) / np.maximum(union, 1)).sum(), float(losses.sum()), len(t)]
+    s, loss, n = ranks.all_sum(total)
+    return float(s / max(n, 1)), float(loss / max(n, 1))
 
 
 def _prepare(config: SamTrainConfig, ranks: Ranks):
@@ -313,8 +314,9 @@ def train_sam(config: SamTrainConfig, ranks: Optional[Ranks] = None) -> dict[str
         f"batch {B} images x {config.masks_per_image} masks, steps {start + 1}-{total}, {ranks.describe()}")
     result: dict[str, Any] = {"steps": total, "start_step": start}
     if val_cache is not None and start == 0:
-        result["iou_before"] = validation_iou(model, val_cache, ranks)
-        log(f"validation mask IoU (boxes) before training {result['iou_before']:.4f}")
+        result["iou_before"], result["val_loss_before"] = validation_iou(model, val_cache, ranks)
+        log(f"validation (boxes) before training: mask IoU {result['iou_before']:.4f}, "
+            f"loss {result['val_loss_before']:.4f}")
     if not frozen_encoder:
         sync_batch_norms(model.image_encoder, ranks.group, on=True)
     lo, hi = shard_bounds(B, ranks.size, ranks.rank)
@@ -384,7 +386,8 @@ def train_sam(config: SamTrainConfig, ranks: Optional[Ranks] = None) -> dict[str
             if val_cache is not None:
                 val_cache.cache.clear()
         if val_cache is not None and config.val_every and step % config.val_every == 0 and step < last:
-            progress.message(f"step {step}: validation mask IoU {validation_iou(model, val_cache, ranks):.4f}")
+            iou, val_loss = validation_iou(model, val_cache, ranks)
+            progress.message(f"step {step}: validation (boxes) mask IoU {iou:.4f}, loss {val_loss:.4f}")
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < last:
             checkpoint(step, final=False)
             set_trainable(model, config.train)
@@ -392,9 +395,9 @@ def train_sam(config: SamTrainConfig, ranks: Optional[Ranks] = None) -> dict[str
                 sync_batch_norms(model.image_encoder, ranks.group, on=True)
     result["images_per_second"] = progress.images_per_second
     if val_cache is not None:
-        result["iou"] = validation_iou(model, val_cache, ranks)
+        result["iou"], result["val_loss"] = validation_iou(model, val_cache, ranks)
         source["validation_iou"] = result["iou"]
-        log(f"validation mask IoU (boxes) {result['iou']:.4f}")
+        log(f"validation (boxes): mask IoU {result['iou']:.4f}, loss {result['val_loss']:.4f}")
     checkpoint(last, final=last == total)
     result.update(output=str(output), step=last)
     return result

@@ -35,7 +35,7 @@ from mlx_evit.loading.model_dir import CONFIG_NAME, check_target, save_model
 from mlx_evit.outputs import OutputDir, atomic_directory, check_output_dir
 from mlx_evit.tasks.distributed import RankFailure, Ranks
 
-__all__ = ["TrainingError", "lr_schedule", "SyncBatchNorm", "sync_batch_norms", "check_ranks",
+__all__ = ["TrainingError", "lr_schedule", "SyncBatchNorm", "sync_batch_norms", "global_sum", "check_ranks",
            "save_checkpoint", "read_checkpoint", "restore_optimizer", "Progress", "STATE_JSON",
            "STATE_WEIGHTS", "check_train_output", "sample_rng"]
 
@@ -78,6 +78,24 @@ def lr_schedule(peak: float, steps: int, warmup: int, kind: str = "cosine",
 # ----------------------------------------------------------------------------- BatchNorm
 
 
+def global_sum(group: mx.distributed.Group) -> Callable[[mx.array], mx.array]:
+    """``all_sum`` over ``group`` whose gradient is the ``all_sum`` of the cotangents.
+
+    (MLX's own ``all_sum`` passes the cotangent through unchanged, which
+    drops the other ranks' share of the gradient of a global statistic.)
+    """
+
+    @mx.custom_function
+    def total(x: mx.array) -> mx.array:
+        return mx.distributed.all_sum(x, group=group, stream=mx.cpu)
+
+    @total.vjp
+    def total_vjp(primals, cotangent, output):
+        return mx.distributed.all_sum(cotangent, group=group, stream=mx.cpu)
+
+    return total
+
+
 class SyncBatchNorm(nn.BatchNorm):
     """:class:`mlx.nn.BatchNorm` with the statistics of the global batch (all ranks of ``group``).
 
@@ -95,10 +113,7 @@ class SyncBatchNorm(nn.BatchNorm):
         group = self.group
         ranks = 1 if group is None else group.size()
 
-        def total(v: mx.array) -> mx.array:
-            if ranks == 1:
-                return v
-            return mx.distributed.all_sum(v, group=group, stream=mx.cpu)
+        total = (lambda v: v) if ranks == 1 else global_sum(group)
 
         x32 = x.astype(mx.float32)
         n = count * ranks
