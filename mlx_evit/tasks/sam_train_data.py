@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -245,7 +245,3 @@ def check_and_prepare(root: Path, items: list[Instances], load) -> list[tuple[Pa
     if not out:
         raise ValueError(f"{root}: no images with masks")
     return out
-
-
-def summary(items: list[tuple[Path, Prepared]]) -> dict[str, Any]:
-    return {"images": len(items), "masks": int(sum(len(p.targets) for _, p in items))}

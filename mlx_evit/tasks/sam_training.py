@@ -49,7 +49,7 @@ from mlx_evit.models.registry import get_entry
 from mlx_evit.tasks.distributed import Ranks, shard_bounds
 from mlx_evit.tasks.preprocess import ImageLoadError, load_image
 from mlx_evit.tasks.sam_predictor import preprocess_image
-from mlx_evit.tasks.sam_train_data import LOW_RES, Prepared, check_and_prepare, find_instances
+from mlx_evit.tasks.sam_train_data import Prepared, check_and_prepare, find_instances
 from mlx_evit.tasks.training import (Progress, TrainingError, check_ranks, check_train_output, lr_schedule,
                                      read_checkpoint, restore_optimizer, sample_rng, save_checkpoint,
                                      sync_batch_norms)

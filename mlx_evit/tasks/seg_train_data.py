@@ -21,7 +21,6 @@ and photometric jitter (brightness, contrast, saturation).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -245,7 +244,3 @@ def input_size(height: int, width: int, short: int, multiple: int = 32) -> tuple
 def load_pair(pair: Pair, dataset: Optional[str]) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 RGB image, class-index label) of one pair."""
     return np.asarray(load_image(pair.image)), read_label(pair.label, dataset)
-
-
-def describe(path: os.PathLike) -> str:
-    return os.fspath(path)
