@@ -206,3 +206,24 @@ def test_two_ranks_reach_the_weights_of_one_process(data, tmp_path):
     start = {k: np.array(v) for k, v in tree_flatten(mlx_evit.create_model(MODEL, num_classes=4).parameters())}
     moved = max(float(np.abs(a[k] - start[k]).max()) for k in a if "running" not in k)
     assert moved > 50 * float(np.median(diff)) and moved > 0.05, (moved, worst)
+
+
+def test_segmenter_reads_a_finetuned_folders_classes_and_palette(tmp_path):
+    from mlx_evit.models.registry import IMAGENET_MEAN, IMAGENET_STD
+    from mlx_evit.tasks.seg_datasets import default_palette
+    from mlx_evit.tasks.segmenter import Segmenter
+
+    mx.random.seed(0)
+    model = mlx_evit.create_model(MODEL, num_classes=3)
+    cfg = dict(dataset="custom", input_size=[3, 64, 64], crop_mode="short_side", size_multiple=32,
+               interpolation="cv2_cubic", crop_pct=1.0, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    for palette, expected in (([[1, 2, 3], [4, 5, 6], [7, 8, 9]], [[1, 2, 3], [4, 5, 6], [7, 8, 9]]),
+                              ([[1, 2, 3]], default_palette(3).tolist())):  # unusable: the default colours
+        model.pretrained_cfg = dict(cfg, palette=palette)
+        folder = mlx_evit.save_model(model, tmp_path / f"m{len(palette)}", labels=["sky", "road", "car"])
+        seg = Segmenter.load(weights=folder)
+        assert seg.classes == ("sky", "road", "car") and seg.palette.tolist() == expected
+        result = seg(np.zeros((40, 100, 3), np.uint8))
+        assert result.input_size == (64, 160) and result.labels.shape == (40, 100)  # short side 64, x32
+    ids = seg.dataset.to_train_ids(np.array([[0, 1, 2, 3, 255]], np.uint8))
+    assert ids.tolist() == [[0, 1, 2, 255, 255]]
