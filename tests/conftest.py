@@ -27,6 +27,9 @@ SLOW = (
     "test_hub.py::test_cli_downloads_once_then_runs_from_cache",
     "test_distributed.py::test_finetune_on_two_ranks_reaches_the_weights_of_one_process",
     "test_seed.py::test_learns_digits",
+    # fine-tuning from random weights on the loaded 2-core machine (about 1-2 min each there)
+    "test_seg_training.py::test_training_raises_validation_miou",
+    "test_sam_training.py::test_decoder_training_lowers_the_box_loss",
 )
 """Node ids (relative to tests/, prefixes match) of the slowest cases."""
 

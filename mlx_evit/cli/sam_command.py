@@ -148,6 +148,11 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     """Command-line entry point; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # fine-tuning: mlx_evit.cli.sam_train
+        from mlx_evit.cli.sam_train import main as train
+
+        return train(argv[1:])
     parser = build_parser(prog)
     return run_command(parser, argv, lambda args, console: _run(parser, args, console))
 

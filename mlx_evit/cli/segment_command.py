@@ -203,6 +203,11 @@ def _fractions_text(fmt: str, file: str, classes: Sequence[str], fractions: np.n
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     """Command-line entry point; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # fine-tuning: mlx_evit.cli.segment_train
+        from mlx_evit.cli.segment_train import main as train
+
+        return train(argv[1:])
     parser = build_parser(prog)
 
     def body(args: argparse.Namespace, console: Console) -> int:

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-__all__ = ["IGNORE", "Dataset", "DATASETS", "get_dataset", "IoUMeter", "input_size_for"]
+__all__ = ["IGNORE", "Dataset", "DATASETS", "get_dataset", "custom_dataset", "default_palette", "IoUMeter", "input_size_for"]
 
 IGNORE = 255
 """Label value of pixels that do not count (void, unlabelled)."""
@@ -58,7 +58,9 @@ class Dataset:
         if not np.issubdtype(label.dtype, np.integer):
             raise ValueError(f"{filename or 'label'}: expected integer labels, got {label.dtype}")
         values = label.astype(np.int64)
-        if self.name == "cityscapes":
+        if self.name not in DATASETS:  # a fine-tuned model's own classes: labels hold the class indices
+            out = np.where((values >= 0) & (values < self.num_classes), values, IGNORE)
+        elif self.name == "cityscapes":
             if "trainids" in filename.lower():
                 out = np.where((values >= 0) & (values < self.num_classes), values, IGNORE)
             else:
@@ -83,6 +85,35 @@ def get_dataset(name: str) -> Dataset:
     palette = np.array([[int(c) for c in r[2:5]] for r in rows], np.uint8)
     palette.flags.writeable = False
     return Dataset(name, tuple(r[1] for r in rows), palette)
+
+
+def default_palette(n: int) -> np.ndarray:
+    """``(n, 3)`` uint8 colours well apart: PASCAL VOC's scheme (the bits of ``i + 1`` spread over R, G, B)."""
+    out = np.zeros((n, 3), np.uint8)
+    for i in range(n):
+        c, rgb = i + 1, [0, 0, 0]
+        for shift in range(7, -1, -1):
+            for channel in range(3):
+                rgb[channel] |= ((c >> channel) & 1) << shift
+            c >>= 3
+        out[i] = rgb
+    return out
+
+
+def custom_dataset(name: str, classes: "tuple[str, ...] | list[str]", palette: Any = None) -> Dataset:
+    """The classes of a fine-tuned model (``config.json`` labels, ``pretrained_cfg["palette"]``).
+
+    Label PNGs of such a data set hold the class indices (255 and values
+    past the last class are ignored). Without a usable palette the colours
+    of the PASCAL VOC scheme are used.
+    """
+    n = len(classes)
+    colours = np.asarray(palette, dtype=np.int64) if palette is not None else None
+    if colours is None or colours.shape != (n, 3) or colours.min(initial=0) < 0 or colours.max(initial=0) > 255:
+        colours = default_palette(n)
+    colours = colours.astype(np.uint8)
+    colours.flags.writeable = False
+    return Dataset(name, tuple(classes), colours)
 
 
 def input_size_for(height: int, width: int, cfg: Optional[dict[str, Any]]) -> tuple[int, int]:

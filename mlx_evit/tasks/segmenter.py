@@ -36,7 +36,8 @@ from mlx_evit.tasks.transforms import ImageLoadError, load_image, to_rgb
 from mlx_evit.models.registry import IMAGENET_MEAN, IMAGENET_STD, get_pretrained_cfg, split_name
 from mlx_evit.ops.resampling import resize, resize_argmax
 from mlx_evit.ops.cv2_resampling import cv2_resize_cubic
-from mlx_evit.tasks.seg_datasets import DATASETS, IGNORE, Dataset, IoUMeter, get_dataset, input_size_for
+from mlx_evit.tasks.seg_datasets import (DATASETS, IGNORE, Dataset, IoUMeter, custom_dataset, get_dataset,
+                                        input_size_for)
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -152,10 +153,14 @@ class Segmenter:
         dataset = dataset or (cfg or {}).get("dataset") or getattr(model, "dataset", None)
         if dataset is None:
             raise SegmenterError("the model names no dataset; pass dataset='cityscapes' or 'ade20k'")
-        try:
-            self.dataset = get_dataset(dataset)
-        except ValueError as e:
-            raise SegmenterError(str(e)) from None
+        labels = getattr(model, "labels", None)
+        if dataset not in DATASETS and labels:  # a fine-tuned model with its own classes (and palette)
+            self.dataset = custom_dataset(dataset, labels, (cfg or {}).get("palette"))
+        else:
+            try:
+                self.dataset = get_dataset(dataset)
+            except ValueError as e:
+                raise SegmenterError(str(e)) from None
         if self.dataset.num_classes != num_classes:
             raise SegmenterError(f"the model has {num_classes} classes, {dataset} has {self.dataset.num_classes}")
         if resize_method not in ("ipp", "opencv"):
