@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 import mlx_evit  # before mlx.core
-from mlx_evit.cli.sam import main as sam_main
+from mlx_evit.cli.sam_command import main as sam_main
 from mlx_evit.tasks.sam_train_data import decode_rle, find_instances, polygons_to_mask
 from mlx_evit.tasks.sam_training import SamTrainConfig, train_sam
 

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 import mlx_evit  # before mlx.core
-from mlx_evit.cli.segment import main as segment_main
+from mlx_evit.cli.segment_command import main as segment_main
 from mlx_evit.tasks.seg_training import SegTrainConfig, train_segmentation
 from mlx_evit.tasks.training import SyncBatchNorm, lr_schedule, sync_batch_norms
 

@@ -47,7 +47,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 import mlx_evit
 from mlx_evit.models.registry import get_entry
 from mlx_evit.tasks.distributed import Ranks, shard_bounds
-from mlx_evit.tasks.preprocess import ImageLoadError, load_image
+from mlx_evit.tasks.transforms import ImageLoadError, load_image
 from mlx_evit.tasks.sam_predictor import preprocess_image
 from mlx_evit.tasks.sam_train_data import Prepared, check_and_prepare, find_instances
 from mlx_evit.tasks.training import (Progress, TrainingError, check_ranks, check_train_output, lr_schedule,

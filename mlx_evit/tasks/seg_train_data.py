@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from mlx_evit.tasks.classifier import IMAGE_EXTENSIONS
-from mlx_evit.tasks.preprocess import ImageLoadError, load_image
+from mlx_evit.tasks.transforms import ImageLoadError, load_image
 from mlx_evit.tasks.seg_datasets import IGNORE, default_palette, get_dataset
 
 __all__ = ["Pair", "SegData", "find_pairs", "check_pairs", "read_label", "augment", "default_palette",

@@ -47,7 +47,7 @@ from mlx_evit.models.registry import IMAGENET_MEAN, IMAGENET_STD, get_entry
 from mlx_evit.ops.cv2_resampling import cv2_resize_cubic
 from mlx_evit.ops.resampling import resize_argmax
 from mlx_evit.tasks.distributed import Ranks, shard_bounds
-from mlx_evit.tasks.preprocess import ImageLoadError
+from mlx_evit.tasks.transforms import ImageLoadError
 from mlx_evit.tasks.seg_datasets import DATASETS, IGNORE, IoUMeter, get_dataset
 from mlx_evit.tasks.seg_train_data import (SegData, augment, check_pairs, default_palette, find_pairs, input_size,
                                            load_pair, read_classes)
@@ -223,7 +223,7 @@ def train_segmentation(config: SegTrainConfig, ranks: Optional[Ranks] = None) ->
     """Train as configured (see the module docstring); returns a summary (steps, losses, mIoU, img/s).
 
     Raises :class:`~mlx_evit.tasks.training.TrainingError` (bad data, options, weights) before any step,
-    :class:`~mlx_evit.tasks.preprocess.ImageLoadError` and
+    :class:`~mlx_evit.tasks.transforms.ImageLoadError` and
     :class:`~mlx_evit.tasks.distributed.RankFailure` during training.
     """
     ranks = ranks if ranks is not None else Ranks(mx.distributed.init())
