@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # the web app: mlx_evit.cli.sam_serve
+        from mlx_evit.cli.sam_serve import main as serve
+        return serve(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
