@@ -156,6 +156,9 @@ def test_click_shows_the_mask_of_sam_predictor(browser, server, predictor):
     after(d, lambda: ActionChains(d).move_to_element_with_offset(marks, -60, -30).click().perform(), 1)
     listed = prompts(d)
     assert listed[0]["kind"] == "point" and listed[0]["label"] == "1"
+    rect = d.execute_script("const r = arguments[0].getBoundingClientRect(); return [r.width, r.height];", marks)
+    clicked = ((rect[0] / 2 - 60) * 451 / rect[0], (rect[1] / 2 - 30) * 300 / rect[1])  # where the pointer went
+    assert abs(float(listed[0]["x"]) - clicked[0]) < 2 and abs(float(listed[0]["y"]) - clicked[1]) < 2, (listed, clicked)
     masks, scores = expected(predictor, d)
     assert 0.01 < masks[0].mean() < 0.99
     np.testing.assert_array_equal(shown_mask(d), masks[0])
