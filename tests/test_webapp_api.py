@@ -24,7 +24,7 @@ from PIL import Image
 import mlx_evit
 from mlx_evit.sam import SamAutomaticMaskGenerator, SamPredictor
 from mlx_evit.tasks.preprocess import load_image
-from mlx_evit.webapp import is_loopback
+from mlx_evit.webapp import SamService, is_loopback
 
 from sam_web import ENV, PHOTOS, Server, call, make_model_dir, png_mask, upload
 
@@ -305,6 +305,41 @@ def test_concurrent_clients_get_their_own_answers(server, predictor):
           f"p95 {ms[int(0.95 * len(ms)) - 1]:.0f}, max {ms[-1]:.0f}")
 
 
+def test_one_request_runs_the_model_at_a_time(model_dir):
+    """Concurrent requests on two images: the predictor is never entered twice, its image never switched mid-way."""
+    service = SamService(mlx_evit.load(model_dir), "efficientvit_sam_l0", compile=False)
+    images = [service.add_image(p.read_bytes())["id"] for p in (CAT, COFFEE)]
+    sizes = {images[0]: (300, 451), images[1]: (400, 600)}
+    real, inside, most, errors = service.predictor.predict, [0], [0], []
+
+    def watched(*args, **kwargs):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        size = service.predictor.original_size
+        time.sleep(0.05)  # room for another thread to come in
+        assert service.predictor.original_size == size, "the image changed under a running prediction"
+        try:
+            return real(*args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    service.predictor.predict = watched
+
+    def client(i: int) -> None:
+        try:
+            answer = service.predict({"id": images[i % 2], "points": [[10, 10, 1]], "multimask": False})
+            assert png_mask(answer["masks"][0]["png"]).shape == sizes[images[i % 2]]
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and most[0] == 1, (errors, most)
+
+
 # ---------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------
@@ -332,3 +367,22 @@ def test_command_errors_are_one_line(server, tmp_path):
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("example.com")
     r = _serve("--help")
     assert r.returncode == 0 and "/api/predict" in r.stdout
+
+
+def test_the_offline_demo_serves(tmp_path):
+    """The README's demo: examples/make_sam_demo.py, then the app on its weights and photos."""
+    demo = tmp_path / "sam_demo"
+    r = subprocess.run([sys.executable, "examples/make_sam_demo.py", str(demo), "--image-size", "128"],
+                       capture_output=True, text=True, env=ENV, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 0, r.stderr
+    s = Server("--weights", str(demo / "model"), "--images", str(demo / "images"))
+    try:
+        assert call(s.port, "GET", "/api/health")[1]["image_size"] == 128
+        status, listing = call(s.port, "GET", "/api/library")
+        assert status == 200 and listing["images"] == ["cat.jpg"]
+        status, info = call(s.port, "POST", "/api/library", {"name": "cat.jpg"})
+        assert status == 200 and (info["width"], info["height"]) == load_image(demo / "images" / "cat.jpg").size
+        status, answer = call(s.port, "POST", "/api/predict", {"id": info["id"], "points": [[200, 150, 1]]})
+        assert status == 200 and len(answer["masks"]) == 3
+    finally:
+        s.stop()

@@ -208,22 +208,25 @@ def test_library_and_segment_everything(browser, server, predictor):
     image = np.asarray(load_image(ROCKET))
     marks = d.find_element("id", "marks")
     assert (int(marks.get_attribute("height")), int(marks.get_attribute("width"))) == image.shape[:2]
-    for field, value in (("pps", "3"), ("iou-thresh", "0"), ("stab-thresh", "0")):
+    for field, value in (("pps", "3"), ("iou-thresh", "0"), ("stab-thresh", "0"), ("nms-thresh", "1")):
         d.execute_script("arguments[0].value = arguments[1];", d.find_element("id", field), value)
     d.find_element("id", "everything").click()
     wait_state(d, "everything-done")
     records = SamAutomaticMaskGenerator(predictor, points_per_side=3, pred_iou_thresh=0.0,
-                                        stability_score_thresh=0.0, output_mode="uncompressed_rle").generate(image)
+                                        stability_score_thresh=0.0, box_nms_thresh=1.0,
+                                        output_mode="uncompressed_rle").generate(image)
     masks = [rle_to_mask(r["segmentation"]) for r in sorted(records, key=lambda r: -r["area"])]
-    assert d.find_element("id", "everything-info").text.startswith(f"{len(masks)} masks")
+    assert d.find_element("id", "everything-info").text.startswith(f"{len(masks)} masks") and len(masks) > 5
     np.testing.assert_array_equal(shown_mask(d), np.any(masks, axis=0))
     # Hovering highlights the smallest mask under the pointer (largest drawn first, small ones on top).
     h, w = image.shape[:2]
     top = np.full((h, w), -1)
     for k, m in enumerate(masks):
         top[m] = k
-    ys, xs = np.nonzero(top[h // 4 : -h // 4, w // 4 : -w // 4] >= 0)
-    py, px = ys[len(ys) // 2] + h // 4, xs[len(xs) // 2] + w // 4
+    count = np.sum(masks, axis=0)
+    # A pixel under two masks or more, whose neighbours have the same top mask (rounding of the pointer).
+    py, px = next((y, x) for y, x in zip(*np.nonzero((count >= 2) & (top > 0)))
+                  if 0 < y < h - 1 and 0 < x < w - 1 and (top[y - 1 : y + 2, x - 1 : x + 2] == top[y, x]).all())
     rect = d.execute_script("const r = arguments[0].getBoundingClientRect(); return [r.width, r.height];", marks)
     ActionChains(d).move_to_element_with_offset(marks, round((px + 0.5) * rect[0] / w - rect[0] / 2),
                                                 round((py + 0.5) * rect[1] / h - rect[1] / 2)).perform()
@@ -231,5 +234,5 @@ def test_library_and_segment_everything(browser, server, predictor):
     match = wait_for(lambda: re.match(r"mask (\d+): area (\d+) px", info.text), 10, "the hover info")
     k = int(match.group(1)) - 1
     assert int(match.group(2)) == int(masks[k].sum())
-    assert k in top[py - 1 : py + 2, px - 1 : px + 2]  # the pixel under the pointer (to a pixel of rounding)
+    assert k == top[py, px]
     np.testing.assert_array_equal(overlay_alpha(d) == 200, masks[k])  # highlighted whole

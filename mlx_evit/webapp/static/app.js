@@ -372,7 +372,8 @@
     }, 250);
     try {
       const answer = await postJSON("/api/everything", {id, points_per_side: Number($("pps").value),
-        pred_iou_thresh: Number($("iou-thresh").value), stability_score_thresh: Number($("stab-thresh").value)});
+        pred_iou_thresh: Number($("iou-thresh").value), stability_score_thresh: Number($("stab-thresh").value),
+        box_nms_thresh: Number($("nms-thresh").value)});
       if (!state.image || state.image.id !== id) return;
       const decoded = answer.masks.map((m) => rleToMask(m.rle));
       const top = new Int32Array(state.image.width * state.image.height).fill(-1);
