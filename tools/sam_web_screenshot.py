@@ -48,7 +48,7 @@ def main() -> None:
         options.binary_location = "/usr/bin/chromium"
         for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                      "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                     "--hide-scrollbars", "--window-size=1100,560", f"--user-data-dir={tmp}/profile"):
+                     "--hide-scrollbars", "--window-size=1100,780", f"--user-data-dir={tmp}/profile"):
             options.add_argument(flag)
         d = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
         try:
@@ -80,7 +80,7 @@ def main() -> None:
             d.quit()
             server.stop()
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    shot.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(args.output, optimize=True)
+    shot.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(args.output, optimize=True)
     print(f"wrote {args.output} ({args.output.stat().st_size // 1024} KB, {shot.width}x{shot.height})")
     median = re.search(r"median of \d+: ([\d.]+) ms", timings["click"])
     if median:
