@@ -24,16 +24,20 @@ def main() -> None:
     parser.add_argument("folder", type=Path)
     parser.add_argument("--model", default="efficientvit_sam_l0", help="architecture (default efficientvit_sam_l0)")
     parser.add_argument("--image-size", type=int, default=None, help="encoder input size (default: the model's)")
-    parser.add_argument("--force", action="store_true", help="replace an existing model folder")
+    parser.add_argument("--force", action="store_true", help="make a new model even if the folder has one")
     args = parser.parse_args()
-    overrides = {} if args.image_size is None else {"image_size": args.image_size}
-    model = mlx_evit.create_model(args.model, **overrides)  # random weights
-    mlx_evit.save_model(model, args.folder / "model", force=args.force)
     images = args.folder / "images"
     images.mkdir(parents=True, exist_ok=True)
     for photo in sorted((HERE / "images").glob("*.jpg")):
         shutil.copyfile(photo, images / photo.name)
-    print(f"wrote a random-weight {args.model} (encoder input {model.image_size}) in {args.folder / 'model'} "
+    model_dir = args.folder / "model"
+    if (model_dir / "config.json").exists() and not args.force:  # made before: keep it (--force to remake)
+        print(f"{model_dir} is there already (--force makes a new one); example photos in {images}")
+        return
+    overrides = {} if args.image_size is None else {"image_size": args.image_size}
+    model = mlx_evit.create_model(args.model, **overrides)  # random weights
+    mlx_evit.save_model(model, model_dir, force=args.force)
+    print(f"wrote a random-weight {args.model} (encoder input {model.image_size}) in {model_dir} "
           f"and example photos in {images}")
 
 

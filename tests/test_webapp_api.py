@@ -375,6 +375,9 @@ def test_the_offline_demo_serves(tmp_path):
     r = subprocess.run([sys.executable, "examples/make_sam_demo.py", str(demo), "--image-size", "128"],
                        capture_output=True, text=True, env=ENV, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 0, r.stderr
+    again = subprocess.run([sys.executable, "examples/make_sam_demo.py", str(demo)], capture_output=True, text=True,
+                           env=ENV, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert again.returncode == 0 and "there already" in again.stdout, again.stderr  # the README command reruns
     s = Server("--weights", str(demo / "model"), "--images", str(demo / "images"))
     try:
         assert call(s.port, "GET", "/api/health")[1]["image_size"] == 128

@@ -119,9 +119,6 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._handle("POST")
 
-    def do_HEAD(self) -> None:
-        self._send_json(405, {"error": "HEAD is not supported"})
-
     def _handle(self, method: str) -> None:
         self._body_read = False
         try:
