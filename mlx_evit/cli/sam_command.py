@@ -149,6 +149,10 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     """Command-line entry point; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # the web app: mlx_evit.cli.sam_serve
+        from mlx_evit.cli.sam_serve import main as serve
+
+        return serve(argv[1:])
     if argv[:1] == ["train"]:  # fine-tuning: mlx_evit.cli.sam_train
         from mlx_evit.cli.sam_train import main as train
 
