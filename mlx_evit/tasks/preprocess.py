@@ -35,7 +35,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mlx_evit.errors import one_line
+from mlx_evit.errors import ImageLoadError, one_line
 from mlx_evit.models.specs import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
 
 __all__ = [
@@ -67,10 +67,6 @@ CROP_MODES = ("center", "squash", "border")
 _DEFAULT_CROP_PCT = 0.875  # timm's value when a config gives none
 _DEFAULT_SIZE = 224
 _LOAD_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
-
-
-class ImageLoadError(ValueError):
-    """An image file could not be read; the message names the file and the cause."""
 
 
 # ---------------------------------------------------------------- loading
