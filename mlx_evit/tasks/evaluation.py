@@ -5,7 +5,7 @@ Python::
     from mlx_evit.classify import Classifier
     from mlx_evit.tasks.evaluation import evaluate, find_dataset
 
-    clf = Classifier.load(weights="my_model")
+    clf = Classifier.from_pretrained("my_model")     # a converted folder, checkpoint or registered name
     result = evaluate(clf, find_dataset("val/"))          # val/<class>/<image>
     print(result.top1, result.top5, result.mean_per_class_accuracy)
     result.write("report/")        # summary.json, predictions.csv, confusion.csv
@@ -14,7 +14,8 @@ Command line: ``python -m mlx_evit.evaluate DIR --weights MODEL_DIR``
 (``--help``); under ``mlx.launch -n N`` the files are sharded across the
 ranks and the results are gathered on rank 0, identical to one process.
 
-A class folder maps to one of the model's classes by a ``--class-map``
+A class folder maps to one of the model's classes by a class map
+(``class_indices`` / :func:`read_class_map`; ``--class-map`` on the command line)
 entry, else by WordNet id (``n01440764``), else by label name (case,
 underscores and spaces do not matter: ``great_white_shark`` is "great white
 shark"), else by one of the label's WordNet synonyms; a name that fits
@@ -38,8 +39,8 @@ import numpy as np
 
 import mlx.core as mx
 
-from mlx_evit.tasks.classifier import load_pixels
-from mlx_evit.classify import IMAGE_EXTENSIONS, Classifier
+from mlx_evit.errors import EvaluationError, InputTypeError
+from mlx_evit.tasks.classifier import IMAGE_EXTENSIONS, Classifier, load_pixels
 from mlx_evit.tasks.inference import prepare
 from mlx_evit.tasks.labels import Label
 from mlx_evit.tasks.distributed import RankFailure, Ranks
@@ -55,6 +56,7 @@ __all__ = [
     "find_dataset",
     "map_classes",
     "read_class_map",
+    "as_classifier",
     "check_output",
     "OUTPUT_FILES",
 ]
@@ -63,10 +65,6 @@ OUTPUT_FILES = ("summary.json", "predictions.csv", "confusion.csv")
 """What :meth:`Evaluation.write` puts in its folder."""
 
 TOP_K = 5
-
-
-class EvaluationError(ValueError):
-    """The data, class mapping or options cannot be used; the message names the problem."""
 
 
 class ImageFailed(EvaluationError):
@@ -169,20 +167,20 @@ def read_class_map(path: Union[str, os.PathLike]) -> dict[str, Union[int, str]]:
         with open(name, encoding="utf-8-sig") as f:
             text = f.read()
     except FileNotFoundError:
-        raise EvaluationError(f"--class-map {name}: no such file") from None
+        raise EvaluationError(f"class map {name}: no such file") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise EvaluationError(f"--class-map {name}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+        raise EvaluationError(f"class map {name}: cannot read ({getattr(e, 'strerror', None) or e})") from None
     mapping: dict[str, Union[int, str]] = {}
     if name.lower().endswith(".json"):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise EvaluationError(f"--class-map {name}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
+            raise EvaluationError(f"class map {name}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
         if not isinstance(data, dict):
-            raise EvaluationError(f"--class-map {name}: expected a JSON object {{folder: class}}")
+            raise EvaluationError(f"class map {name}: expected a JSON object {{folder: class}}")
         for folder, value in data.items():
             if isinstance(value, bool) or not isinstance(value, (int, str)):
-                raise EvaluationError(f"--class-map {name}: {folder!r}: expected an index or a class name")
+                raise EvaluationError(f"class map {name}: {folder!r}: expected an index or a class name")
             mapping[folder] = value
         return mapping
     rows = csv.reader(io.StringIO(text)) if name.lower().endswith(".csv") else (
@@ -192,10 +190,10 @@ def read_class_map(path: Union[str, os.PathLike]) -> dict[str, Union[int, str]]:
             continue
         if len(row) != 2 or not row[0].strip() or not row[1].strip():
             sep = "," if name.lower().endswith(".csv") else "a tab"
-            raise EvaluationError(f"--class-map {name}:{number}: expected FOLDER and CLASS separated by {sep}")
+            raise EvaluationError(f"class map {name}:{number}: expected FOLDER and CLASS separated by {sep}")
         mapping[row[0].strip()] = row[1].strip()
     if not mapping:
-        raise EvaluationError(f"--class-map {name}: no entries")
+        raise EvaluationError(f"class map {name}: no entries")
     return mapping
 
 
@@ -255,7 +253,7 @@ def map_classes(
     if ambiguous:
         problems.append(f"folders matching several classes: {'; '.join(ambiguous)}")
     if bad_map:
-        problems.append(f"--class-map entries naming no class: {'; '.join(bad_map)}")
+        problems.append(f"class map entries naming no class: {'; '.join(bad_map)}")
     claimed: dict[int, list[str]] = {}
     for folder, index in zip(folders, indices):
         if index >= 0:
@@ -267,7 +265,7 @@ def map_classes(
         example = next((label.wnid for label in labels if label.wnid), None)
         how = f"WordNet id ({example}), " if example else ""
         raise EvaluationError(
-            "; ".join(problems) + f" (folders match by {how}label name, or through --class-map FILE)"
+            "; ".join(problems) + f" (folders match by {how}label name, or through a class map)"
         )
     return tuple(indices)
 
@@ -458,6 +456,18 @@ def check_output(folder: Union[str, os.PathLike], data_root: Union[str, os.PathL
                             describe="an evaluation output folder (with summary.json)", option=option)
 
 
+def as_classifier(model: Any) -> Classifier:
+    """A :class:`Classifier` of a classifier (itself), a classification model, or a registered name / local path."""
+    if isinstance(model, Classifier):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return Classifier.from_pretrained(model)
+    if hasattr(model, "num_classes") and callable(model):
+        return Classifier(model)
+    raise InputTypeError(f"classifier must be a Classifier, a classification model, a model name or a path; "
+                         f"got {type(model).__module__}.{type(model).__qualname__}")
+
+
 def _mean(values: np.ndarray) -> float:
     return float(values.mean()) if values.size else math.nan
 
@@ -470,7 +480,7 @@ def _json_float(value: float) -> Optional[float]:
 
 
 def evaluate(
-    classifier: Classifier,
+    classifier: Union[Classifier, Any, str, os.PathLike],
     dataset: Dataset,
     class_indices: Optional[Sequence[int]] = None,
     *,
@@ -490,19 +500,23 @@ def evaluate(
     each round the ranks synchronise (a failure anywhere stops all of
     them), and at the end every rank holds all results. ``progress(done, total)`` is called
     after each round; ``on_error(message)`` for each unreadable image.
+    ``classifier``: a :class:`Classifier`, a classification model (wrapped
+    in one), or a registered name / local path
+    (:meth:`Classifier.from_pretrained`).
     Raises :class:`ImageFailed` for an unreadable image without
     ``skip_errors`` (on the rank that read it; :class:`RankFailure` on the
     others) and :class:`RankFailure` when another rank failed.
     """
+    classifier = as_classifier(classifier)
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise EvaluationError(f"batch_size must be at least 1, got {batch_size}")
     ranks = ranks if ranks is not None else Ranks()
     labels = tuple(classifier.labels)
     if class_indices is None:
         class_indices = map_classes(dataset.folders, labels)
     class_indices = tuple(int(i) for i in class_indices)
     if len(class_indices) != len(dataset.folders):
-        raise ValueError(f"class_indices has {len(class_indices)} entries for {len(dataset.folders)} folders")
+        raise EvaluationError(f"class_indices has {len(class_indices)} entries for {len(dataset.folders)} folders")
     n, k = len(dataset), min(TOP_K, classifier.num_classes)
     batches = -(-n // batch_size)
     rounds = -(-batches // ranks.size)
