@@ -25,6 +25,7 @@ KINDS = {"seed": "classification", "mit": "classification", "msra": "classificat
 """Registry family -> the kind of task its models serve."""
 
 PathLike = Union[str, os.PathLike]
+_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".json", ".npz")
 
 
 def kind_of(name: str) -> Optional[str]:
@@ -48,8 +49,11 @@ def check_name(name: str, kind: str, error: type) -> str:
     if bare is None:
         close = difflib.get_close_matches(name, _names_of_kind(kind), n=5, cutoff=0.5)
         if close:
-            raise error(f"unknown {kind} model {name!r}; did you mean: {', '.join(close)}?")
-        raise error(f"{name}: no such file or folder, and no registered {kind} model has that name "
+            raise error(f"unknown model {name!r}; did you mean: {', '.join(close)}? "
+                        f"(the registered {kind} models: mlx_evit.list_models())")
+        if os.sep in name or os.path.splitext(name)[1].lower() in _FILE_SUFFIXES:
+            raise error(f"{name}: no such file or folder")
+        raise error(f"unknown model {name!r}: no registered {kind} model and no file or folder has that name "
                     "(see mlx_evit.list_models())")
     other = KINDS.get(get_entry(bare).family)
     if other != kind:
