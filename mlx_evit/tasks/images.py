@@ -48,7 +48,7 @@ def describe_type(value: Any) -> str:
 def is_image(value: Any) -> bool:
     """Whether ``value`` is one image of an accepted type (not checked further)."""
     return isinstance(value, (str, os.PathLike, Image.Image)) or (
-        isinstance(value, np.ndarray) and value.ndim in (2, 3))
+        isinstance(value, np.ndarray) and value.ndim != 4)  # a 4-D array is a batch
 
 
 def _type_error(value: Any, what: str) -> InputTypeError:
