@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, Union
 from mlx_evit.api import hub_name, load, pretrained_weights
 from mlx_evit.errors import HubError, one_line
 from mlx_evit.models.registry import get_entry, list_models
+from mlx_evit.ops.dtypes import parse_dtype
 
 __all__ = ["KINDS", "kind_of", "check_name", "load_for_task"]
 
@@ -82,6 +83,10 @@ def load_for_task(
     ``error`` (wrong kind, unknown name, unreadable weights) and
     :class:`~mlx_evit.errors.HubError` (weights not available).
     """
+    try:
+        parse_dtype(dtype)
+    except ValueError as e:
+        raise error(str(e)) from None
     requested: Optional[str] = None
     source: Optional[PathLike] = weights
     if weights is None and name_or_path is None:
