@@ -4,8 +4,8 @@ Python::
 
     from mlx_evit.tasks.segmenter import Segmenter
 
-    seg = Segmenter.load("efficientvit_seg_b0_cityscapes")   # or weights="model.pt" / "converted_dir"
-    result = seg(image)                # PIL image, (H, W, 3) uint8 array or a file path
+    seg = Segmenter.from_pretrained("efficientvit_seg_b0_cityscapes")   # or "model.pt" / "converted_dir"
+    result = seg(image)                # a file path, PIL image, (H, W, 3) uint8 array; a list gives a list
     result.labels                      # (H, W) class index per pixel, at the image size
     result.logits                      # (H/8', W/8', classes) float32 at the model's stride 8
     result.colorize(), result.overlay(image, alpha=0.5), result.class_fractions()
