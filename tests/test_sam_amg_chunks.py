@@ -143,9 +143,11 @@ def test_chunked_generator_equals_the_whole_batch_algorithm(predictor, key, size
     gen = SamAutomaticMaskGenerator(predictor, **zero)
     expected = reference_generate(gen, image)
     assert len(expected) >= 2, "thresholds 0 keep several masks"
-    # Candidates upsampled one at a time, two at a time, and all at once: the same records.
-    for masks_per_chunk in (1, 2, 10**6):
+    # Candidates upsampled one at a time, two at a time (kept as low-res logits until they survive NMS:
+    # rle_limit 0), and all at once: the same records.
+    for masks_per_chunk, rle_limit in ((1, None), (2, 0), (10**6, None)):
         gen.chunk_bytes = masks_per_chunk * 4 * size[0] * size[1]
+        gen.rle_limit_bytes = SamAutomaticMaskGenerator.rle_limit_bytes if rle_limit is None else rle_limit
         predictor.upsampled.clear()
         predictor.upsampled_bytes.clear()
         progress: list[tuple[int, int]] = []

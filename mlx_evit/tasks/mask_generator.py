@@ -231,12 +231,18 @@ class SamAutomaticMaskGenerator:
 
     Memory: full-size logits exist for at most :attr:`chunk_bytes` worth of
     masks at a time (at least one mask); each kept candidate is stored as
-    its run lengths, so what a run holds beyond the image and the returned
-    masks does not grow with the number of points.
+    its run lengths, or as its low-res logits when those are smaller
+    (:attr:`rle_limit_bytes`), so what a run holds beyond the image and the
+    returned masks does not grow with the image size.
     """
 
     chunk_bytes = 64 << 20
     """Full-size float32 logits upsampled, scored and thresholded together (at least one mask)."""
+
+    rle_limit_bytes = 256 * 256 * 4
+    """A candidate whose run lengths take more than this is kept as its low-res logits instead (the
+    decoder's ``256 x 256`` float32, upsampled again if it survives the crop's NMS): what a candidate
+    holds does not grow with the image size."""
 
     def __init__(self, model_or_predictor, points_per_side: Optional[int] = 32, points_per_batch: int = 64,
                  pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
@@ -337,10 +343,15 @@ class SamAutomaticMaskGenerator:
             batch = points[start : start + self.points_per_batch]
             self._process_batch(batch, (ch, cw), crop_box, image.shape[:2], out)
             counter.add(len(batch))
-        p.reset_image()
         if out["boxes"]:
             keep = box_nms(np.asarray(out["boxes"]), np.asarray(out["iou"]), self.box_nms_thresh)
             out = {k: [v[i] for i in keep] for k, v in out.items()}
+        thr = p.model.mask_threshold
+        for i, stored in enumerate(out["rles"]):
+            if isinstance(stored, _LowRes):  # upsampled again, alone: the same mask as in its chunk
+                logits = p.postprocess(mx.array(stored.logits)[None, None])[:, 0]
+                out["rles"][i] = rle_counts(np.asarray(logits > thr)[0])
+        p.reset_image()
         h, w = image.shape[:2]
         if (x0, y0, x1, y1) != (0, 0, w, h):  # run lengths of the crop -> of the image (survivors only)
             pad = ((y0, h - y1), (x0, w - x1))
@@ -388,7 +399,10 @@ class SamAutomaticMaskGenerator:
             boxes = masks_to_boxes(masks)
             edge = is_box_near_crop_edge(boxes, crop_box, [0, 0, w, h])
             for j in np.flatnonzero(~edge):
-                out["rles"].append(rle_counts(masks[j]))
+                counts = rle_counts(masks[j])
+                if counts.nbytes > self.rle_limit_bytes:
+                    counts = _LowRes(np.asarray(low[int(chosen[j])]))
+                out["rles"].append(counts)
                 out["boxes"].append(boxes[j])
                 out["iou"].append(iou[chosen[j]])
                 out["stability"].append(stab[j])
@@ -399,6 +413,15 @@ def _decode_counts(counts: np.ndarray, h: int, w: int) -> np.ndarray:
     """Run lengths (column-major, zeros first) -> bool ``(h, w)``."""
     values = np.arange(len(counts)) % 2 == 1
     return np.repeat(values, counts).reshape(w, h).T
+
+
+class _LowRes:
+    """A candidate kept as its decoder logits ``(256, 256)`` float32 until it survives NMS."""
+
+    __slots__ = ("logits",)
+
+    def __init__(self, logits: np.ndarray):
+        self.logits = logits
 
 
 class _Counter:
