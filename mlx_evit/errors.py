@@ -1,8 +1,21 @@
 """The package's error types and the one helper that turns any error into a one-line message.
 
-Every error a user can cause (a bad file, key, option) is one of these
-``ValueError``/``RuntimeError`` subclasses with a message naming the problem;
-commands print ``one_line(error)``.
+Every error a user can cause (a bad file, key, option, argument) is a
+:class:`MlxEvitError`, and also the builtin it has always been
+(``ValueError``, ``RuntimeError`` or ``TypeError``), so ``except ValueError``
+keeps working. Messages name the problem in the terms of the API (argument
+names, files), never command-line options; commands print
+``one_line(error)``.
+
+Hierarchy::
+
+    MlxEvitError
+      CheckpointError, CheckpointMismatchError, ConversionError   (ValueError)
+      HubError                                                     (RuntimeError)
+      InputTypeError                                               (TypeError)
+      ImageInputError, ImageLoadError                              (ValueError)
+      ClassifierError, SegmenterError, SamError, EvaluationError   (ValueError)
+      ImageNotSetError: a SamError that is also a RuntimeError
 """
 
 from __future__ import annotations
@@ -10,10 +23,21 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 __all__ = [
+    "MlxEvitError",
     "CheckpointError",
     "CheckpointMismatchError",
     "ConversionError",
     "HubError",
+    "InputTypeError",
+    "ImageInputError",
+    "ImageLoadError",
+    "ClassifierError",
+    "SegmenterError",
+    "SamError",
+    "ImageNotSetError",
+    "EvaluationError",
+    "MlxEvitWarning",
+    "DatasetWarning",
     "one_line",
     "mismatch_parts",
     "describe_error",
@@ -22,11 +46,15 @@ __all__ = [
 ]
 
 
-class CheckpointError(ValueError):
+class MlxEvitError(Exception):
+    """Base of every error mlx_evit raises on purpose; the message is one line naming the problem."""
+
+
+class CheckpointError(MlxEvitError, ValueError):
     """A checkpoint file cannot be read safely; the message names the file and the problem."""
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(MlxEvitError, ValueError):
     """A checkpoint does not fit the model; the message lists the keys."""
 
     def __init__(self, message: str, missing=(), unexpected=(), mismatched=()):
@@ -36,16 +64,57 @@ class CheckpointMismatchError(ValueError):
         self.mismatched = list(mismatched)
 
 
-class ConversionError(ValueError):
+class ConversionError(MlxEvitError, ValueError):
     """A checkpoint cannot be converted or loaded; the message is one line naming the problem."""
+
+
+class HubError(MlxEvitError, RuntimeError):
+    """Pretrained weights cannot be fetched or converted; the message says why and what to do."""
+
+
+class InputTypeError(MlxEvitError, TypeError):
+    """An argument of a type the API does not take (e.g. an image that is neither a path, a PIL image
+    nor an array); the message names the argument and the type given."""
+
+
+class ImageInputError(MlxEvitError, ValueError):
+    """An image argument of an accepted type that cannot be used (shape, dtype, values)."""
+
+
+class ImageLoadError(MlxEvitError, ValueError):
+    """An image file could not be read; the message names the file and the cause."""
+
+
+class ClassifierError(MlxEvitError, ValueError):
+    """The model, weights, labels or an argument of a classifier cannot be used."""
+
+
+class SegmenterError(MlxEvitError, ValueError):
+    """The model, weights, data or an argument of a segmenter cannot be used."""
+
+
+class SamError(MlxEvitError, ValueError):
+    """The model, weights, image, prompts or an argument of EfficientViT-SAM cannot be used."""
+
+
+class ImageNotSetError(SamError, RuntimeError):
+    """A SAM prediction was asked for before ``set_image``."""
+
+
+class EvaluationError(MlxEvitError, ValueError):
+    """The data, class mapping or options of an evaluation cannot be used."""
+
+
+class MlxEvitWarning(UserWarning):
+    """Base of the warnings mlx_evit issues."""
+
+
+class DatasetWarning(MlxEvitWarning):
+    """The data look unlike what the chosen dataset's rules expect (e.g. its label file names)."""
 
 
 class ModelConfigError(ConversionError):
     """A model folder's ``config.json`` holds an unknown or out-of-range value; the message names the file and key."""
-
-
-class HubError(RuntimeError):
-    """Pretrained weights cannot be fetched or converted; the message says why and what to do."""
 
 
 def short_name(value: object, limit: int = 80, bare: bool = False) -> str:

@@ -120,10 +120,10 @@ def test_l0_image_formats_and_batch(l0_predictor):
 def test_bad_inputs_are_one_line_errors():
     model = build_model("efficientvit_sam_l0", image_size=64)
     predictor = SamPredictor(model, compile=False)
-    with pytest.raises(ValueError, match="uint8"):
-        predictor.set_image(np.zeros((10, 10, 3), np.float32))
+    with pytest.raises(ValueError, match="uint8"):  # floats are [0, 1]; 0-255 values go in a uint8 array
+        predictor.set_image(np.full((10, 10, 3), 255.0, np.float32))
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
-        predictor.set_image(np.zeros((10, 10), np.uint8))
+        predictor.set_image(np.zeros((10, 10, 2), np.uint8))
     with pytest.raises(ValueError, match="image_format"):
         predictor.set_image(np.zeros((10, 10, 3), np.uint8), image_format="RGBA")
     predictor.set_image(np.zeros((30, 50, 3), np.uint8))

@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import urllib.parse
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from dataclasses import dataclass
 

@@ -4,9 +4,10 @@ The model is :mod:`mlx_evit.models.sam_model`; the task objects are
 :mod:`mlx_evit.tasks.sam_predictor` and :mod:`mlx_evit.tasks.mask_generator`.
 """
 
+from mlx_evit.errors import ImageNotSetError, SamError
 from mlx_evit.models.sam_model import MODELS, EfficientViTSam, MaskDecoder, PromptEncoder, SamImageEncoder
 from mlx_evit.tasks.mask_generator import SamAutomaticMaskGenerator
-from mlx_evit.tasks.sam_predictor import SamPredictor
+from mlx_evit.tasks.sam_predictor import DEFAULT_MODEL, SamPredictor
 
-__all__ = ["MODELS", "EfficientViTSam", "SamImageEncoder", "PromptEncoder", "MaskDecoder", "SamPredictor",
-           "SamAutomaticMaskGenerator"]
+__all__ = ["MODELS", "DEFAULT_MODEL", "EfficientViTSam", "SamImageEncoder", "PromptEncoder", "MaskDecoder",
+           "SamPredictor", "SamAutomaticMaskGenerator", "SamError", "ImageNotSetError"]

@@ -19,12 +19,13 @@ from typing import Any, Callable, Optional, Union
 import mlx.core as mx
 import numpy as np
 
-from mlx_evit.api import load, pretrained_weights
+from mlx_evit.errors import ClassifierError, ImageLoadError, one_line
 from mlx_evit.ops.dtypes import DTYPE_NAMES
-from mlx_evit.errors import one_line
+from mlx_evit.tasks.images import ImageLike, as_batch, rgb_image
 from mlx_evit.tasks.inference import prepare
 from mlx_evit.tasks.labels import Label, LabelFileError, imagenet_labels, read_labels
-from mlx_evit.tasks.transforms import EvalTransform, ImageInput, ImageLoadError, eval_transform, load_image
+from mlx_evit.tasks.transforms import EvalTransform, eval_transform, load_image
+from mlx_evit.tasks.pretrained import load_for_task
 from mlx_evit.models.registry import get_pretrained_cfg, split_name
 
 __all__ = [
@@ -45,10 +46,6 @@ IMAGE_EXTENSIONS = frozenset(
     ".jpg .jpeg .jpe .jfif .png .bmp .gif .webp .tif .tiff .ppm .pgm .pbm .pnm .tga .ico".split()
 )
 """File extensions picked up when a folder or a glob is expanded (explicit files are always tried)."""
-
-
-class ClassifierError(ValueError):
-    """The model, weights or labels cannot be used; the message names the problem."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +118,45 @@ class Classifier:
         self.dtype = self._predict.dtype
 
     @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: Optional[Union[str, os.PathLike]] = None,
+        *,
+        weights: Optional[Union[str, os.PathLike]] = None,
+        dtype: str = "float32",
+        labels: Optional[Union[str, os.PathLike, Sequence[Union[Label, str]]]] = None,
+        revision: str = "main",
+        log: Optional[Callable[[str], None]] = None,
+    ) -> "Classifier":
+        """A classifier from a registered name or a local checkpoint / MLX model folder.
+
+        ``name_or_path``: a registered classification name
+        (``efficientvit_b1.r224_in1k``, ``timm/...`` accepted; weights from
+        the Hugging Face Hub, converted once and cached by
+        :func:`mlx_evit.load`), or a local file or folder; default
+        :data:`DEFAULT_MODEL`. ``weights``: a local file or folder, with
+        ``name_or_path`` the name it must hold (its tag selects the
+        preprocessing). ``dtype``: float32, float16 or bfloat16. ``labels``:
+        a label file path or a list of labels. A name of another kind
+        (segmentation, SAM) is refused before any download. Raises
+        :class:`ClassifierError` and :class:`~mlx_evit.errors.HubError`.
+        """
+        if dtype not in DTYPE_NAMES:
+            raise ClassifierError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_NAMES)}")
+        if isinstance(labels, (str, os.PathLike)):
+            try:
+                labels = read_labels(labels)
+            except LabelFileError as e:
+                raise ClassifierError(str(e)) from None
+        net, requested = load_for_task(name_or_path, kind="classification", error=ClassifierError,
+                                       default=DEFAULT_MODEL, weights=weights, dtype=dtype, fuse=False,
+                                       revision=revision, log=log)  # prepare() folds the BatchNorms
+        # A tag given by name selects its preprocessing, whatever the weights' config says.
+        tagged = requested is not None and split_name(requested)[1] is not None
+        preprocess = get_pretrained_cfg(requested) if tagged else None
+        return cls(net, labels=labels, preprocess=preprocess, name=requested if tagged else None)
+
+    @classmethod
     def load(
         cls,
         model: Optional[str] = None,
@@ -131,45 +167,8 @@ class Classifier:
         revision: str = "main",
         log: Optional[Callable[[str], None]] = None,
     ) -> "Classifier":
-        """Load a classifier by name and/or weights.
-
-        Without ``weights``, the tag's timm weights come from the Hugging Face
-        Hub, converted once and cached (:func:`mlx_evit.loading.hub.pretrained_dir`).
-        ``weights``: a converted MLX directory or any checkpoint the converter
-        reads; ``model`` then checks the architecture and, when it carries a
-        tag, selects that tag's preprocessing. ``dtype``: float32, float16 or
-        bfloat16. ``labels``: a label file path or a list of labels.
-        Raises :class:`ClassifierError` and :class:`mlx_evit.loading.hub.HubError`.
-        """
-        if dtype not in DTYPE_NAMES:
-            raise ClassifierError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_NAMES)}")
-        if isinstance(labels, (str, os.PathLike)):
-            try:
-                labels = read_labels(labels)
-            except LabelFileError as e:
-                raise ClassifierError(str(e)) from None
-        requested = model
-        if model is None and weights is None:
-            requested = DEFAULT_MODEL
-        registry_cfg = None
-        if requested is not None:
-            try:
-                registry_cfg = get_pretrained_cfg(requested)
-            except ValueError as e:
-                raise ClassifierError(str(e)) from None
-        if weights is None:
-            weights = pretrained_weights(requested, revision=revision, log=log)
-        try:
-            net = load(weights, dtype=dtype, model=requested, fuse=False)  # prepare() folds the BatchNorms
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            message = one_line(e)
-            if os.fspath(weights) not in message:
-                message = f"{os.fspath(weights)}: {message}"
-            raise ClassifierError(f"cannot load weights: {message}") from None
-        # A tag given by name selects its preprocessing, whatever the weights' config says.
-        tagged = requested is not None and split_name(requested)[1] is not None
-        preprocess = registry_cfg if tagged else None
-        return cls(net, labels=labels, preprocess=preprocess, name=requested if tagged else None)
+        """The same as :meth:`from_pretrained` (the earlier name, kept): ``model`` is ``name_or_path``."""
+        return cls.from_pretrained(model, weights=weights, dtype=dtype, labels=labels, revision=revision, log=log)
 
     # -- inference
 
@@ -193,12 +192,27 @@ class Classifier:
         label = self.labels[index]
         return Prediction(index=index, label=label.name, wnid=label.wnid, score=score)
 
-    def classify(self, images: Sequence[ImageInput], top_k: int = 5) -> list[tuple[Prediction, ...]]:
-        """Top-k predictions for PIL images or paths, one batch (errors raise :class:`ImageLoadError`)."""
-        if not images:
+    def classify(self, images: Union[ImageLike, Sequence[ImageLike]],
+                 top_k: int = 5) -> Union[tuple[Prediction, ...], list[tuple[Prediction, ...]]]:
+        """Top-k predictions of one image, or of a list of images run as one batch.
+
+        An image is a file path, a PIL image, a uint8 ``(H, W, 3)`` array or
+        a ``[0, 1]`` float array (:mod:`mlx_evit.tasks.images`). One image
+        gives its tuple of predictions; a list gives a list of them. An
+        unreadable file raises :class:`~mlx_evit.errors.ImageLoadError`,
+        another type :class:`~mlx_evit.errors.InputTypeError`.
+        """
+        items, batch = as_batch(images)
+        _check_top_k(top_k, self.num_classes)
+        if not items:
             return []
-        pixels = np.stack([self.transform(image) for image in images])
-        return self.top_k(self.probabilities(pixels), top_k)
+        pixels = np.stack([self.preprocess(image) for image in items])
+        rows = self.top_k(self.probabilities(pixels), top_k)
+        return rows if batch else rows[0]
+
+    def preprocess(self, image: ImageLike) -> np.ndarray:
+        """One image (any accepted input) through the eval transform: ``(H, W, 3)`` float32, normalised."""
+        return self.transform(rgb_image(image, error=ClassifierError))
 
     def classify_files(
         self,

@@ -5,7 +5,7 @@ Python::
     from mlx_evit.classify import Classifier
     from mlx_evit.tasks.evaluation import evaluate, find_dataset
 
-    clf = Classifier.load(weights="my_model")
+    clf = Classifier.from_pretrained("my_model")     # a converted folder, checkpoint or registered name
     result = evaluate(clf, find_dataset("val/"))          # val/<class>/<image>
     print(result.top1, result.top5, result.mean_per_class_accuracy)
     result.write("report/")        # summary.json, predictions.csv, confusion.csv
@@ -14,7 +14,8 @@ Command line: ``python -m mlx_evit.evaluate DIR --weights MODEL_DIR``
 (``--help``); under ``mlx.launch -n N`` the files are sharded across the
 ranks and the results are gathered on rank 0, identical to one process.
 
-A class folder maps to one of the model's classes by a ``--class-map``
+A class folder maps to one of the model's classes by a class map
+(``class_indices`` / :func:`read_class_map`; ``--class-map`` on the command line)
 entry, else by WordNet id (``n01440764``), else by label name (case,
 underscores and spaces do not matter: ``great_white_shark`` is "great white
 shark"), else by one of the label's WordNet synonyms; a name that fits
@@ -29,7 +30,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
@@ -38,8 +39,9 @@ import numpy as np
 
 import mlx.core as mx
 
-from mlx_evit.tasks.classifier import load_pixels
-from mlx_evit.tasks.classifier import IMAGE_EXTENSIONS, Classifier
+from mlx_evit.errors import EvaluationError, InputTypeError
+from mlx_evit.tasks.class_map import map_classes, read_class_map
+from mlx_evit.tasks.classifier import IMAGE_EXTENSIONS, Classifier, load_pixels
 from mlx_evit.tasks.inference import prepare
 from mlx_evit.tasks.labels import Label
 from mlx_evit.tasks.distributed import RankFailure, Ranks
@@ -56,6 +58,7 @@ __all__ = [
     "find_dataset",
     "map_classes",
     "read_class_map",
+    "as_classifier",
     "check_output",
     "OUTPUT_FILES",
 ]
@@ -64,10 +67,6 @@ OUTPUT_FILES = ("summary.json", "predictions.csv", "confusion.csv")
 """What :meth:`Evaluation.write` puts in its folder."""
 
 TOP_K = 5
-
-
-class EvaluationError(ValueError):
-    """The data, class mapping or options cannot be used; the message names the problem."""
 
 
 class ImageFailed(EvaluationError):
@@ -149,128 +148,6 @@ def _images_under(folder: str) -> list[str]:
 
 def _is_image(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
-# ---------------------------------------------------------------- class mapping
-
-
-def _norm(name: str) -> str:
-    return " ".join(name.replace("_", " ").lower().split())
-
-
-def read_class_map(path: Union[str, os.PathLike]) -> dict[str, Union[int, str]]:
-    """``folder -> class`` from a file: a JSON object, or lines ``FOLDER<TAB>CLASS`` (``.csv``: two columns).
-
-    A class is a logit index (int, or digits), a WordNet id or a label name.
-    Blank lines and lines starting with ``#`` are skipped. Raises
-    :class:`EvaluationError` naming the file and line.
-    """
-    name = os.fspath(path)
-    try:
-        with open(name, encoding="utf-8-sig") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise EvaluationError(f"--class-map {name}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise EvaluationError(f"--class-map {name}: cannot read ({getattr(e, 'strerror', None) or e})") from None
-    mapping: dict[str, Union[int, str]] = {}
-    if name.lower().endswith(".json"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise EvaluationError(f"--class-map {name}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
-        if not isinstance(data, dict):
-            raise EvaluationError(f"--class-map {name}: expected a JSON object {{folder: class}}")
-        for folder, value in data.items():
-            if isinstance(value, bool) or not isinstance(value, (int, str)):
-                raise EvaluationError(f"--class-map {name}: {folder!r}: expected an index or a class name")
-            mapping[folder] = value
-        return mapping
-    rows = csv.reader(io.StringIO(text)) if name.lower().endswith(".csv") else (
-        line.split("\t") for line in text.splitlines())
-    for number, row in enumerate(rows, 1):
-        if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
-            continue
-        if len(row) != 2 or not row[0].strip() or not row[1].strip():
-            sep = "," if name.lower().endswith(".csv") else "a tab"
-            raise EvaluationError(f"--class-map {name}:{number}: expected FOLDER and CLASS separated by {sep}")
-        mapping[row[0].strip()] = row[1].strip()
-    if not mapping:
-        raise EvaluationError(f"--class-map {name}: no entries")
-    return mapping
-
-
-def map_classes(
-    folders: Sequence[str],
-    labels: Sequence[Label],
-    class_map: Optional[Mapping[str, Union[int, str]]] = None,
-) -> tuple[int, ...]:
-    """The model class index of each folder (see the module docstring for the rules).
-
-    Raises :class:`EvaluationError` listing every folder that maps to no
-    class or to several, and classes claimed by two folders.
-    """
-    by_wnid: dict[str, list[int]] = {}
-    by_name: dict[str, list[int]] = {}
-    by_synonym: dict[str, list[int]] = {}
-    for label in labels:
-        if label.wnid:
-            by_wnid.setdefault(label.wnid.lower(), []).append(label.index)
-        by_name.setdefault(_norm(label.name), []).append(label.index)
-        for synonym in (label.description or "").split(","):
-            if synonym.strip():
-                by_synonym.setdefault(_norm(synonym), []).append(label.index)
-
-    def lookup(key: str) -> list[int]:
-        for table in (by_wnid, by_name, by_synonym):
-            found = table.get(key.lower() if table is by_wnid else _norm(key))
-            if found:
-                return sorted(set(found))
-        return []
-
-    unmapped, ambiguous, bad_map = [], [], []
-    indices: list[int] = []
-    for folder in folders:
-        target = class_map.get(folder) if class_map else None
-        if isinstance(target, int) or (isinstance(target, str) and target.strip().isdigit()):
-            index = int(target)
-            if not 0 <= index < len(labels):
-                bad_map.append(f"{folder} -> {index} (the model has classes 0..{len(labels) - 1})")
-                index = -1
-            indices.append(index)
-            continue
-        found = lookup(target if target is not None else folder)
-        if target is not None and not found:
-            bad_map.append(f"{folder} -> {target!r} (no such class)")
-        elif not found:
-            unmapped.append(folder)
-        elif len(found) > 1:
-            ambiguous.append(f"{folder} ({', '.join(f'{i} {labels[i].name}' for i in found)})")
-        indices.append(found[0] if len(found) == 1 else -1)
-    problems = []
-    if unmapped:
-        problems.append(
-            f"{len(unmapped)} class folder{'s' if len(unmapped) > 1 else ''} match none of the model's "
-            f"{len(labels)} classes: {', '.join(unmapped)}"
-        )
-    if ambiguous:
-        problems.append(f"folders matching several classes: {'; '.join(ambiguous)}")
-    if bad_map:
-        problems.append(f"--class-map entries naming no class: {'; '.join(bad_map)}")
-    claimed: dict[int, list[str]] = {}
-    for folder, index in zip(folders, indices):
-        if index >= 0:
-            claimed.setdefault(index, []).append(folder)
-    shared = [f"{', '.join(names)} -> {i} {labels[i].name}" for i, names in claimed.items() if len(names) > 1]
-    if shared:
-        problems.append(f"folders mapped to the same class: {'; '.join(shared)}")
-    if problems:
-        example = next((label.wnid for label in labels if label.wnid), None)
-        how = f"WordNet id ({example}), " if example else ""
-        raise EvaluationError(
-            "; ".join(problems) + f" (folders match by {how}label name, or through --class-map FILE)"
-        )
-    return tuple(indices)
 
 
 # ---------------------------------------------------------------- results
@@ -459,6 +336,18 @@ def check_output(folder: Union[str, os.PathLike], data_root: Union[str, os.PathL
                             describe="an evaluation output folder (with summary.json)", option=option)
 
 
+def as_classifier(model: Any) -> Classifier:
+    """A :class:`Classifier` of a classifier (itself), a classification model, or a registered name / local path."""
+    if isinstance(model, Classifier):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return Classifier.from_pretrained(model)
+    if hasattr(model, "num_classes") and callable(model):
+        return Classifier(model)
+    raise InputTypeError(f"classifier must be a Classifier, a classification model, a model name or a path; "
+                         f"got {type(model).__module__}.{type(model).__qualname__}")
+
+
 def _mean(values: np.ndarray) -> float:
     return float(values.mean()) if values.size else math.nan
 
@@ -471,7 +360,7 @@ def _json_float(value: float) -> Optional[float]:
 
 
 def evaluate_classifier(
-    classifier: Classifier,
+    classifier: Union[Classifier, Any, str, os.PathLike],
     dataset: Dataset,
     class_indices: Optional[Sequence[int]] = None,
     *,
@@ -491,19 +380,23 @@ def evaluate_classifier(
     each round the ranks synchronise (a failure anywhere stops all of
     them), and at the end every rank holds all results. ``progress(done, total)`` is called
     after each round; ``on_error(message)`` for each unreadable image.
+    ``classifier``: a :class:`Classifier`, a classification model (wrapped
+    in one), or a registered name / local path
+    (:meth:`Classifier.from_pretrained`).
     Raises :class:`ImageFailed` for an unreadable image without
     ``skip_errors`` (on the rank that read it; :class:`RankFailure` on the
     others) and :class:`RankFailure` when another rank failed.
     """
+    classifier = as_classifier(classifier)
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise EvaluationError(f"batch_size must be at least 1, got {batch_size}")
     ranks = ranks if ranks is not None else Ranks()
     labels = tuple(classifier.labels)
     if class_indices is None:
         class_indices = map_classes(dataset.folders, labels)
     class_indices = tuple(int(i) for i in class_indices)
     if len(class_indices) != len(dataset.folders):
-        raise ValueError(f"class_indices has {len(class_indices)} entries for {len(dataset.folders)} folders")
+        raise EvaluationError(f"class_indices has {len(class_indices)} entries for {len(dataset.folders)} folders")
     n, k = len(dataset), min(TOP_K, classifier.num_classes)
     batches = -(-n // batch_size)
     rounds = -(-batches // ranks.size)

@@ -8,22 +8,27 @@ records like Meta's: ``segmentation`` (bool mask or uncompressed RLE),
 ``area``, ``bbox`` (XYWH), ``predicted_iou``, ``stability_score``,
 ``point_coords`` and ``crop_box`` (XYWH).
 
-The IoU filter runs on the decoder's outputs before the masks are upsampled,
-and the stability score is computed on the full-size logits inside MLX, so
-only kept masks reach numpy; the results equal the reference order of
-operations.
+The IoU filter runs on the decoder's outputs before the masks are upsampled;
+the rest runs in small chunks of masks (upsample, stability score inside
+MLX, threshold, box, run-length encoding), so the full-size masks of a whole
+batch never exist at once and each candidate is kept as its run lengths. The
+results equal the reference order of operations; memory beyond the image and
+the returned masks does not grow with the image size or the number of points.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from itertools import product
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
 
-from mlx_evit.tasks.sam_predictor import ImageLike, SamPredictor, as_rgb_uint8
+from mlx_evit.errors import SamError
+from mlx_evit.tasks.images import ImageLike, as_batch
+from mlx_evit.tasks.sam_predictor import SamPredictor, as_rgb_uint8
 
 __all__ = [
     "SamAutomaticMaskGenerator",
@@ -34,6 +39,7 @@ __all__ = [
     "masks_to_boxes",
     "box_nms",
     "mask_to_rle",
+    "rle_counts",
     "rle_to_mask",
     "rle_area",
     "is_box_near_crop_edge",
@@ -165,14 +171,19 @@ def is_box_near_crop_edge(boxes: np.ndarray, crop_box: Sequence[int], orig_box: 
 def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
     """Bool ``(H, W)`` -> uncompressed RLE ``{"size": [H, W], "counts": [...]}`` (column-major, starts with zeros)."""
     mask = np.asarray(mask, bool)
+    return {"size": list(mask.shape), "counts": rle_counts(mask).tolist()}
+
+
+def rle_counts(mask: np.ndarray) -> np.ndarray:
+    """The run lengths of :func:`mask_to_rle` as a compact int array (int32 below 2**31 pixels)."""
+    mask = np.asarray(mask, bool)
     h, w = mask.shape
     flat = mask.T.ravel()
     change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    edges = np.concatenate([[0], change, [h * w]])
-    counts = np.diff(edges).tolist()
+    counts = np.diff(np.concatenate([[0], change, [h * w]]))
     if flat.size and flat[0]:
-        counts = [0] + counts
-    return {"size": [h, w], "counts": counts}
+        counts = np.concatenate([[0], counts])
+    return counts.astype(np.int32 if h * w < 2**31 else np.int64)
 
 
 def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
@@ -187,7 +198,8 @@ def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
 
 
 def rle_area(rle: dict[str, Any]) -> int:
-    return int(sum(rle["counts"][1::2]))
+    """Pixels set in an uncompressed RLE."""
+    return int(np.sum(np.asarray(rle["counts"], np.int64)[1::2]))
 
 
 def _xywh(box: Sequence[float]) -> list:
@@ -203,6 +215,8 @@ def _xywh(box: Sequence[float]) -> list:
 class SamAutomaticMaskGenerator:
     """Masks for everything in an image, from a grid of point prompts.
 
+    ``model_or_predictor``: an :class:`~mlx_evit.models.sam_model.EfficientViTSam` or a
+    :class:`SamPredictor` (:meth:`from_pretrained` loads one by name or path).
     Arguments and defaults as Meta's / EfficientViT-SAM's generator:
     ``points_per_side`` (or explicit ``point_grids``, one ``(N, 2)`` array in
     [0, 1] per crop layer), ``points_per_batch``, ``pred_iou_thresh``,
@@ -211,28 +225,47 @@ class SamAutomaticMaskGenerator:
     ``crop_overlap_ratio``, ``crop_n_points_downscale_factor``,
     ``min_mask_region_area`` (only 0: removing small regions needs connected
     components, not implemented), ``output_mode`` ``"binary_mask"`` or
-    ``"uncompressed_rle"``.
+    ``"uncompressed_rle"``. ``progress(done, total)``: called after each
+    batch of points with the points decoded so far and the image's total
+    (all crops).
+
+    Memory: full-size logits exist for at most :attr:`chunk_bytes` worth of
+    masks at a time (at least one mask); each kept candidate is stored as
+    its run lengths, or as its low-res logits when those are smaller
+    (:attr:`rle_limit_bytes`), so what a run holds beyond the image and the
+    returned masks does not grow with the image size.
     """
+
+    chunk_bytes = 64 << 20
+    """Full-size float32 logits upsampled, scored and thresholded together (at least one mask)."""
+
+    rle_limit_bytes = 256 * 256 * 4
+    """A candidate whose run lengths take more than this is kept as its low-res logits instead (the
+    decoder's ``256 x 256`` float32, upsampled again if it survives the crop's NMS): what a candidate
+    holds does not grow with the image size."""
 
     def __init__(self, model_or_predictor, points_per_side: Optional[int] = 32, points_per_batch: int = 64,
                  pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
                  stability_score_offset: float = 1.0, box_nms_thresh: float = 0.7, crop_n_layers: int = 0,
                  crop_nms_thresh: float = 0.7, crop_overlap_ratio: float = 512 / 1500,
                  crop_n_points_downscale_factor: int = 1, point_grids: Optional[list[np.ndarray]] = None,
-                 min_mask_region_area: int = 0, output_mode: str = "binary_mask"):
+                 min_mask_region_area: int = 0, output_mode: str = "binary_mask",
+                 progress: Optional[Callable[[int, int], None]] = None):
         if (points_per_side is None) == (point_grids is None):
-            raise ValueError("give exactly one of points_per_side and point_grids")
+            raise SamError("give exactly one of points_per_side and point_grids")
         if output_mode not in ("binary_mask", "uncompressed_rle"):
-            raise ValueError(f"output_mode must be 'binary_mask' or 'uncompressed_rle', got {output_mode!r}")
+            raise SamError(f"output_mode must be 'binary_mask' or 'uncompressed_rle', got {output_mode!r}")
         if min_mask_region_area:
-            raise ValueError("min_mask_region_area > 0 is not supported (it needs connected components)")
+            raise SamError("min_mask_region_area > 0 is not supported (it needs connected components)")
         if points_per_batch < 1:
-            raise ValueError(f"points_per_batch must be at least 1, got {points_per_batch}")
+            raise SamError(f"points_per_batch must be at least 1, got {points_per_batch}")
         if points_per_side is not None:
+            if points_per_side < 1:
+                raise SamError(f"points_per_side must be at least 1, got {points_per_side}")
             point_grids = build_all_layer_point_grids(points_per_side, crop_n_layers,
                                                       crop_n_points_downscale_factor)
         elif len(point_grids) != crop_n_layers + 1:
-            raise ValueError(f"point_grids needs {crop_n_layers + 1} grids (one per crop layer), got {len(point_grids)}")
+            raise SamError(f"point_grids needs {crop_n_layers + 1} grids (one per crop layer), got {len(point_grids)}")
         self.point_grids = [np.asarray(g, np.float64).reshape(-1, 2) for g in point_grids]
         self.predictor = (model_or_predictor if isinstance(model_or_predictor, SamPredictor)
                           else SamPredictor(model_or_predictor))
@@ -245,25 +278,51 @@ class SamAutomaticMaskGenerator:
         self.crop_nms_thresh = crop_nms_thresh
         self.crop_overlap_ratio = crop_overlap_ratio
         self.output_mode = output_mode
+        self.progress = progress
 
-    def generate(self, image: ImageLike, image_format: str = "RGB") -> list[dict[str, Any]]:
-        """Records for every mask found in ``image`` (``(H, W, 3)`` uint8 or PIL)."""
-        image = as_rgb_uint8(image, image_format)
+    @classmethod
+    def from_pretrained(cls, name_or_path: Optional[Union[str, os.PathLike]] = None, *,
+                        weights: Optional[Union[str, os.PathLike]] = None, dtype: Optional[Any] = None,
+                        revision: str = "main", log: Optional[Callable[[str], None]] = None,
+                        **options: Any) -> "SamAutomaticMaskGenerator":
+        """A generator over :meth:`SamPredictor.from_pretrained` (same ``name_or_path``, ``weights``,
+        ``dtype``); ``options`` are the generator's arguments. Raises :class:`SamError` and
+        :class:`~mlx_evit.errors.HubError`."""
+        predictor = SamPredictor.from_pretrained(name_or_path, weights=weights, dtype=dtype, revision=revision,
+                                                 log=log)
+        return cls(predictor, **options)
+
+    def generate(self, image: Union[ImageLike, Sequence[ImageLike]], image_format: str = "RGB", *,
+                 progress: Optional[Callable[[int, int], None]] = None) -> list:
+        """Records for every mask found in one image, or a list of such lists for a list of images.
+
+        An image is a file path, a PIL image or an ``(H, W, 3)`` uint8 (or
+        ``[0, 1]`` float) array (:mod:`mlx_evit.tasks.images`).
+        ``progress``: overrides the constructor's for this call.
+        """
+        items, batch = as_batch(image)
+        tick = progress if progress is not None else self.progress
+        results = [self._generate_one(as_rgb_uint8(item, image_format), tick) for item in items]
+        return results if batch else results[0]
+
+    def _generate_one(self, image: np.ndarray, progress: Optional[Callable[[int, int], None]]) -> list[dict]:
         h, w = image.shape[:2]
         crop_boxes, layers = generate_crop_boxes((h, w), self.crop_n_layers, self.crop_overlap_ratio)
-        parts = [self._process_crop(image, box, layer) for box, layer in zip(crop_boxes, layers)]
+        counter = _Counter(sum(len(self.point_grids[layer]) for layer in layers), progress)
+        parts = [self._process_crop(image, box, layer, counter) for box, layer in zip(crop_boxes, layers)]
         data = {k: [x for p in parts for x in p[k]] for k in ("rles", "boxes", "iou", "stability", "points", "crops")}
         if len(crop_boxes) > 1 and data["boxes"]:
             keep = box_nms(np.asarray(data["boxes"]), 1.0 / box_area(np.asarray(data["crops"])),
                            self.crop_nms_thresh)
             data = {k: [v[i] for i in keep] for k, v in data.items()}
         records = []
-        for rle, box, iou, stab, point, crop in zip(*(data[k] for k in ("rles", "boxes", "iou", "stability",
-                                                                            "points", "crops"))):
+        for counts, box, iou, stab, point, crop in zip(*(data[k] for k in ("rles", "boxes", "iou", "stability",
+                                                                               "points", "crops"))):
+            rle = {"size": [h, w], "counts": counts.tolist()}
             seg = rle_to_mask(rle) if self.output_mode == "binary_mask" else rle
             records.append({
                 "segmentation": seg,
-                "area": rle_area(rle),
+                "area": int(counts[1::2].sum(dtype=np.int64)),
                 "bbox": _xywh(box),
                 "predicted_iou": float(iou),
                 "point_coords": [[float(point[0]), float(point[1])]],
@@ -272,7 +331,7 @@ class SamAutomaticMaskGenerator:
             })
         return records
 
-    def _process_crop(self, image: np.ndarray, crop_box: list[int], layer: int) -> dict[str, list]:
+    def _process_crop(self, image: np.ndarray, crop_box: list[int], layer: int, counter: "_Counter") -> dict[str, list]:
         x0, y0, x1, y1 = crop_box
         crop = np.ascontiguousarray(image[y0:y1, x0:x1])
         ch, cw = crop.shape[:2]
@@ -281,12 +340,22 @@ class SamAutomaticMaskGenerator:
         points = self.point_grids[layer] * np.array([[cw, ch]], np.float64)
         out = {k: [] for k in ("rles", "boxes", "iou", "stability", "points")}
         for start in range(0, len(points), self.points_per_batch):
-            self._process_batch(points[start : start + self.points_per_batch], (ch, cw), crop_box,
-                                image.shape[:2], out)
-        p.reset_image()
+            batch = points[start : start + self.points_per_batch]
+            self._process_batch(batch, (ch, cw), crop_box, image.shape[:2], out)
+            counter.add(len(batch))
         if out["boxes"]:
             keep = box_nms(np.asarray(out["boxes"]), np.asarray(out["iou"]), self.box_nms_thresh)
             out = {k: [v[i] for i in keep] for k, v in out.items()}
+        thr = p.model.mask_threshold
+        for i, stored in enumerate(out["rles"]):
+            if isinstance(stored, _LowRes):  # upsampled again, alone: the same mask as in its chunk
+                logits = p.postprocess(mx.array(stored.logits)[None, None])[:, 0]
+                out["rles"][i] = rle_counts(np.asarray(logits > thr)[0])
+        p.reset_image()
+        h, w = image.shape[:2]
+        if (x0, y0, x1, y1) != (0, 0, w, h):  # run lengths of the crop -> of the image (survivors only)
+            pad = ((y0, h - y1), (x0, w - x1))
+            out["rles"] = [rle_counts(np.pad(_decode_counts(c, ch, cw), pad)) for c in out["rles"]]
         shift = np.array([x0, y0, x0, y0])
         out["boxes"] = [b + shift for b in out["boxes"]]
         out["points"] = [pt + shift[:2] for pt in out["points"]]
@@ -295,6 +364,12 @@ class SamAutomaticMaskGenerator:
 
     def _process_batch(self, points: np.ndarray, crop_size: tuple[int, int], crop_box: list[int],
                        orig_size: tuple[int, int], out: dict[str, list]) -> None:
+        """Decode one batch of points; keep each passing mask as run lengths of the crop (boxes in crop pixels).
+
+        The candidates are upsampled, scored and thresholded in chunks of
+        :attr:`chunk_bytes`, so the full-size logits of a whole batch never
+        exist at once; each chunk's masks are the same as the whole batch's.
+        """
         p = self.predictor
         n = len(points)
         coords = mx.array(p.apply_coords(points[:, None, :]).astype(np.float32))
@@ -305,28 +380,57 @@ class SamAutomaticMaskGenerator:
         iou = np.asarray(iou.reshape(-1))
         pts = np.repeat(points, C, axis=0)
         keep = np.flatnonzero(iou > self.pred_iou_thresh) if self.pred_iou_thresh > 0 else np.arange(n * C)
-        if not len(keep):
-            return
-        logits = p.postprocess(low[mx.array(keep)][:, None])[:, 0]  # (K, h, w) at the crop's size
-        thr = p.model.mask_threshold
-        stab = np.asarray(stability_score(logits, thr, self.stability_score_offset))
-        if self.stability_score_thresh > 0:
-            ok = stab >= self.stability_score_thresh
-            keep, stab = keep[ok], stab[ok]
-            if not len(keep):
-                return
-            logits = logits[mx.array(np.flatnonzero(ok))]
-        masks = np.asarray(logits > thr)
-        boxes = masks_to_boxes(masks)
+        ch, cw = crop_size
+        per_chunk = max(1, self.chunk_bytes // (4 * ch * cw))
         h, w = orig_size
-        edge = is_box_near_crop_edge(boxes, crop_box, [0, 0, w, h])
-        x0, y0, x1, y1 = crop_box
-        for j in np.flatnonzero(~edge):
-            m = masks[j]
-            if (x0, y0, x1, y1) != (0, 0, w, h):
-                m = np.pad(m, ((y0, h - y1), (x0, w - x1)))
-            out["rles"].append(mask_to_rle(m))
-            out["boxes"].append(boxes[j])
-            out["iou"].append(iou[keep[j]])
-            out["stability"].append(stab[j])
-            out["points"].append(pts[keep[j]])
+        thr = p.model.mask_threshold
+        for start in range(0, len(keep), per_chunk):
+            chosen = keep[start : start + per_chunk]
+            logits = p.postprocess(low[mx.array(chosen)][:, None])[:, 0]  # (K, ch, cw) at the crop's size
+            stab = np.asarray(stability_score(logits, thr, self.stability_score_offset))
+            if self.stability_score_thresh > 0:
+                ok = stab >= self.stability_score_thresh
+                chosen, stab = chosen[ok], stab[ok]
+                if not len(chosen):
+                    continue
+                logits = logits[mx.array(np.flatnonzero(ok))]
+            masks = np.asarray(logits > thr)
+            del logits
+            boxes = masks_to_boxes(masks)
+            edge = is_box_near_crop_edge(boxes, crop_box, [0, 0, w, h])
+            for j in np.flatnonzero(~edge):
+                counts = rle_counts(masks[j])
+                if counts.nbytes > self.rle_limit_bytes:
+                    counts = _LowRes(np.asarray(low[int(chosen[j])]))
+                out["rles"].append(counts)
+                out["boxes"].append(boxes[j])
+                out["iou"].append(iou[chosen[j]])
+                out["stability"].append(stab[j])
+                out["points"].append(pts[chosen[j]])
+
+
+def _decode_counts(counts: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Run lengths (column-major, zeros first) -> bool ``(h, w)``."""
+    values = np.arange(len(counts)) % 2 == 1
+    return np.repeat(values, counts).reshape(w, h).T
+
+
+class _LowRes:
+    """A candidate kept as its decoder logits ``(256, 256)`` float32 until it survives NMS."""
+
+    __slots__ = ("logits",)
+
+    def __init__(self, logits: np.ndarray):
+        self.logits = logits
+
+
+class _Counter:
+    """Points decoded so far for one image, reported to a ``progress(done, total)`` callback."""
+
+    def __init__(self, total: int, progress: Optional[Callable[[int, int], None]]):
+        self.total, self.done, self.progress = total, 0, progress
+
+    def add(self, points: int) -> None:
+        self.done += points
+        if self.progress is not None:
+            self.progress(self.done, self.total)

@@ -11,7 +11,8 @@ resized to the image, then thresholded at 0.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+import os
+from typing import Any, Callable, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -19,12 +20,17 @@ import numpy as np
 from mlx.utils import tree_flatten
 from PIL import Image
 
-from mlx_evit.ops.layers import fuse_modules
+from mlx_evit.errors import ImageNotSetError, InputTypeError, SamError
 from mlx_evit.models.sam_model import PROMPT_FRAME, SAM_MEAN, SAM_STD, EfficientViTSam, resize_matrix
+from mlx_evit.ops.layers import fuse_modules
+from mlx_evit.tasks.images import ImageLike, describe_type, rgb_array
+from mlx_evit.tasks.pretrained import load_for_task
 
-__all__ = ["SamPredictor", "preprocess_shape", "preprocess_image", "postprocess_matrices"]
+__all__ = ["DEFAULT_MODEL", "SamPredictor", "SamError", "preprocess_shape", "preprocess_image",
+           "postprocess_matrices"]
 
-ImageLike = Union[np.ndarray, Image.Image]
+DEFAULT_MODEL = "efficientvit_sam_l0"
+"""The smallest EfficientViT-SAM (512 px encoder input)."""
 
 
 def preprocess_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
@@ -34,22 +40,12 @@ def preprocess_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
 
 
 def as_rgb_uint8(image: ImageLike, image_format: str = "RGB") -> np.ndarray:
-    """A PIL image or ``(H, W, 3)`` uint8 array as an RGB uint8 array; one-line ``ValueError`` otherwise."""
-    if image_format not in ("RGB", "BGR"):
-        raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
-    if isinstance(image, Image.Image):
-        arr = np.asarray(image.convert("RGB"))
-    else:
-        arr = np.asarray(image)
-        if arr.ndim != 3 or arr.shape[2] != 3:
-            raise ValueError(f"expected an (H, W, 3) image array, got shape {arr.shape}")
-        if arr.dtype != np.uint8:
-            raise ValueError(f"expected a uint8 image array (0-255), got dtype {arr.dtype}")
-        if image_format == "BGR":
-            arr = arr[..., ::-1]
-    if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ValueError(f"empty image of size {arr.shape[0]}x{arr.shape[1]}")
-    return np.ascontiguousarray(arr)
+    """One image (path, PIL image, uint8 or [0, 1] float array; BGR arrays with ``image_format="BGR"``) as
+    ``(H, W, 3)`` uint8 RGB; :class:`SamError` for an unusable array, ``TypeError`` for another type."""
+    if isinstance(image, (list, tuple)):
+        raise InputTypeError(f"image must be one image (a file path, a PIL image or an (H, W, 3) array), "
+                             f"got a {describe_type(image)}; call once per image")
+    return rgb_array(image, image_format=image_format, error=SamError)
 
 
 def preprocess_image(image: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -103,7 +99,7 @@ class SamPredictor:
     def __init__(self, model: EfficientViTSam, dtype: Optional[Any] = None, fuse: bool = True,
                  compile: bool = True):
         if not isinstance(model, EfficientViTSam):
-            raise TypeError(f"SamPredictor needs an EfficientViT-SAM model, got {type(model).__name__}")
+            raise InputTypeError(f"SamPredictor needs an EfficientViT-SAM model, got {describe_type(model)}")
         model.eval()
         if dtype is not None:
             from mlx_evit.ops.dtypes import cast_model, parse_dtype
@@ -123,6 +119,20 @@ class SamPredictor:
         mx.eval(self._dense_pe)
         self.reset_image()
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: Optional[Union[str, os.PathLike]] = None, *,
+                        weights: Optional[Union[str, os.PathLike]] = None, dtype: Optional[Any] = None,
+                        compile: bool = True, revision: str = "main",
+                        log: Optional[Callable[[str], None]] = None) -> "SamPredictor":
+        """A predictor from a registered SAM name (``efficientvit_sam_l0``, ... ; the released weights,
+        converted once and cached by :func:`mlx_evit.load`) or a local ``.pt`` / checkpoint / converted
+        folder; default :data:`DEFAULT_MODEL`. ``weights``: a local file or folder, with ``name_or_path``
+        the name it must hold. A classification or segmentation name is refused before any download.
+        Raises :class:`SamError` and :class:`~mlx_evit.errors.HubError`."""
+        net, _ = load_for_task(name_or_path, kind="SAM", error=SamError, default=DEFAULT_MODEL, weights=weights,
+                               dtype=dtype, revision=revision, log=log)
+        return cls(net, compile=compile)
+
     # -- image ---------------------------------------------------------------------------------
 
     def reset_image(self) -> None:
@@ -133,7 +143,8 @@ class SamPredictor:
         self.input_size: Optional[tuple[int, int]] = None
 
     def set_image(self, image: ImageLike, image_format: str = "RGB") -> None:
-        """Encode ``image`` (``(H, W, 3)`` uint8 RGB, or BGR with ``image_format="BGR"``, or a PIL image)."""
+        """Encode one image: a file path, a PIL image, an ``(H, W, 3)`` uint8 (or ``[0, 1]`` float) array,
+        RGB, or BGR with ``image_format="BGR"`` (:mod:`mlx_evit.tasks.images`)."""
         rgb = as_rgb_uint8(image, image_format)
         self.reset_image()
         _, x = preprocess_image(rgb, self.model.image_size)
@@ -151,7 +162,7 @@ class SamPredictor:
 
     def _require_image(self) -> None:
         if not self.is_image_set:
-            raise RuntimeError("an image must be set with set_image(...) before mask prediction")
+            raise ImageNotSetError("an image must be set with set_image(...) before mask prediction")
 
     # -- prompts -------------------------------------------------------------------------------
 
@@ -189,7 +200,7 @@ class SamPredictor:
         points = labels = None
         if point_coords is not None:
             if point_labels is None:
-                raise ValueError("point_labels must be given with point_coords")
+                raise SamError("point_labels must be given with point_coords")
             points = np.asarray(point_coords, dtype=np.float64).reshape(1, -1, 2)
             labels = np.asarray(point_labels).reshape(1, -1)
         boxes = None if box is None else np.asarray(box, dtype=np.float64).reshape(1, 4)
@@ -220,17 +231,17 @@ class SamPredictor:
             if b.ndim == 1:
                 b = b[None]
             if b.ndim != 2 or b.shape[1] != 4 or not np.isfinite(b).all():
-                raise ValueError(f"boxes must be finite (B, 4) XYXY pixels, got shape {b.shape}")
+                raise SamError(f"boxes must be finite (B, 4) XYXY pixels, got shape {b.shape}")
             boxes_1024 = mx.array(self.apply_boxes(b).astype(np.float32))
         masks = None
         if mask_input is not None:
             mi = np.asarray(mask_input, dtype=np.float32)
             if mi.ndim != 4 or mi.shape[1:] != (1, 256, 256):
-                raise ValueError(f"mask_input must be (B, 1, 256, 256) low-res logits, got shape {mi.shape}")
+                raise SamError(f"mask_input must be (B, 1, 256, 256) low-res logits, got shape {mi.shape}")
             masks = mx.array(np.ascontiguousarray(mi.transpose(0, 2, 3, 1)))
         sizes = {len(x) for x in (points[0] if points else None, boxes_1024, masks) if x is not None}
         if len(sizes) > 1:
-            raise ValueError(f"point_coords, boxes and mask_input must have the same batch size, got {sorted(sizes)}")
+            raise SamError(f"point_coords, boxes and mask_input must have the same batch size, got {sorted(sizes)}")
         low, iou = self.decode(points, boxes_1024, masks, multimask_output)
         full = self.postprocess(low)
         if not return_logits:
@@ -241,20 +252,20 @@ class SamPredictor:
     def _check_points(self, coords, labels) -> Optional[tuple[mx.array, mx.array]]:
         if coords is None:
             if labels is not None:
-                raise ValueError("point_coords must be given with point_labels")
+                raise SamError("point_coords must be given with point_labels")
             return None
         if labels is None:
-            raise ValueError("point_labels must be given with point_coords")
+            raise SamError("point_labels must be given with point_coords")
         c = np.asarray(coords, dtype=np.float64)
         lab = np.asarray(labels)
         if c.ndim == 2:
             c, lab = c[None], lab.reshape(1, -1)
         if c.ndim != 3 or c.shape[2] != 2 or lab.shape != c.shape[:2]:
-            raise ValueError(f"point_coords (B, N, 2) and point_labels (B, N) do not match: {c.shape}, {lab.shape}")
+            raise SamError(f"point_coords (B, N, 2) and point_labels (B, N) do not match: {c.shape}, {lab.shape}")
         if not np.isfinite(c).all():
-            raise ValueError("point_coords must be finite")
+            raise SamError("point_coords must be finite")
         if not np.isin(lab, (-1, 0, 1)).all():
-            raise ValueError(f"point_labels must be 1 (foreground), 0 (background) or -1 (padding), "
+            raise SamError(f"point_labels must be 1 (foreground), 0 (background) or -1 (padding), "
                              f"got {sorted(set(np.unique(lab).tolist()))}")
         return mx.array(self.apply_coords(c).astype(np.float32)), mx.array(lab.astype(np.int32))
 

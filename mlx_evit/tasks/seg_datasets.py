@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Optional
@@ -47,6 +48,25 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def naming_problem(self, label_file: str) -> Optional[str]:
+        """Why a label file's name does not fit this dataset's naming scheme, or None.
+
+        Cityscapes labels are ``*_gtFine_labelIds.png`` (label ids) or
+        ``*_labelTrainIds.png`` (train ids); ADE20K labels carry no Cityscapes
+        suffix. A misfit is worth a warning: the values are read by this
+        dataset's rules all the same.
+        """
+        name = os.path.basename(label_file)
+        lower = name.lower()
+        cityscapes_like = any(part in lower for part in ("_gtfine_", "labelids", "labeltrainids", "leftimg8bit"))
+        if self.name == "cityscapes" and "labelids" not in lower and "trainids" not in lower:
+            return (f"{label_file}: not a Cityscapes label name (*_gtFine_labelIds.png or *_labelTrainIds.png); "
+                    "its values are read as Cityscapes label ids")
+        if self.name == "ade20k" and cityscapes_like:
+            return (f"{label_file}: a Cityscapes label name, but the dataset is ade20k; "
+                    "its values are read as ADE20K labels (value - 1, 0 ignored)")
+        return None
 
     def to_train_ids(self, label: np.ndarray, filename: str = "") -> np.ndarray:
         """Ground-truth PNG values -> class indices (uint8), :data:`IGNORE` where not evaluated."""

@@ -4,8 +4,8 @@ Python::
 
     from mlx_evit.tasks.segmenter import Segmenter
 
-    seg = Segmenter.load("efficientvit_seg_b0_cityscapes")   # or weights="model.pt" / "converted_dir"
-    result = seg(image)                # PIL image, (H, W, 3) uint8 array or a file path
+    seg = Segmenter.from_pretrained("efficientvit_seg_b0_cityscapes")   # or "model.pt" / "converted_dir"
+    result = seg(image)                # a file path, PIL image, (H, W, 3) uint8 array; a list gives a list
     result.labels                      # (H, W) class index per pixel, at the image size
     result.logits                      # (H/8', W/8', classes) float32 at the model's stride 8
     result.colorize(), result.overlay(image, alpha=0.5), result.class_fractions()
@@ -23,16 +23,19 @@ original conventions (:mod:`mlx_evit.tasks.seg_datasets`).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from mlx_evit.api import load, pretrained_weights
+from mlx_evit.errors import DatasetWarning, ImageLoadError, SegmenterError
+from mlx_evit.tasks.images import ImageLike, as_batch, rgb_array
 from mlx_evit.tasks.inference import prepare
-from mlx_evit.tasks.transforms import ImageLoadError, load_image, to_rgb
+from mlx_evit.tasks.transforms import load_image
+from mlx_evit.tasks.pretrained import load_for_task
 from mlx_evit.models.registry import IMAGENET_MEAN, IMAGENET_STD, get_pretrained_cfg, split_name
 from mlx_evit.ops.resampling import resize, resize_argmax
 from mlx_evit.ops.cv2_resampling import cv2_resize_cubic
@@ -58,13 +61,6 @@ freed buffers of other sizes (1 GiB: peak RSS 3x the arrays' peak) without makin
 
 DEFAULT_MODEL = "efficientvit_seg_b1_cityscapes"
 """80.5 mIoU on Cityscapes (original README), 4.8M parameters."""
-
-ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike]
-
-
-class SegmenterError(ValueError):
-    """The model, weights or an option cannot be used; the message names the problem."""
-
 
 @dataclass
 class Segmentation:
@@ -115,19 +111,8 @@ class Segmentation:
 
 
 def _as_uint8(image: ImageLike) -> np.ndarray:
-    """An image argument as ``(H, W, 3)`` uint8 RGB."""
-    if isinstance(image, (str, os.PathLike)):
-        image = load_image(image)
-    if isinstance(image, Image.Image):
-        return np.asarray(to_rgb(image))
-    pixels = np.asarray(image)
-    if pixels.dtype != np.uint8:
-        raise SegmenterError(f"expected a uint8 image array, got {pixels.dtype} (convert it, or pass a PIL image)")
-    if pixels.ndim == 2:
-        pixels = np.repeat(pixels[:, :, None], 3, axis=2)
-    if pixels.ndim != 3 or pixels.shape[2] not in (3, 4) or min(pixels.shape[:2]) < 1:
-        raise SegmenterError(f"expected an (H, W, 3) RGB image array, got shape {pixels.shape}")
-    return np.ascontiguousarray(pixels[:, :, :3])
+    """An image argument as ``(H, W, 3)`` uint8 RGB (:func:`mlx_evit.tasks.images.rgb_array`)."""
+    return rgb_array(image, error=SegmenterError)
 
 
 class Segmenter:
@@ -177,33 +162,35 @@ class Segmenter:
         self.dtype = self._predict.dtype
 
     @classmethod
-    def load(cls, model: Optional[str] = None, *, weights: Optional[Union[str, os.PathLike]] = None,
-             dtype: str = "float32", dataset: Optional[str] = None, revision: str = "main",
-             log: Optional[Callable[[str], None]] = None, **kwargs: Any) -> "Segmenter":
-        """A segmenter by registry name (weights from the Hub, converted once and cached) and/or
-        ``weights`` (an original ``.pt``, any checkpoint the converter reads, or a converted folder).
-        Raises :class:`SegmenterError` and :class:`mlx_evit.loading.hub.HubError`."""
-        requested = model if model is not None or weights is not None else DEFAULT_MODEL
-        if requested is not None:
-            try:
-                get_pretrained_cfg(requested)
-            except ValueError as e:
-                raise SegmenterError(str(e)) from None
-        if weights is None:
-            weights = pretrained_weights(requested, revision=revision, log=log)
-        try:
-            net = load(weights, dtype=dtype, model=requested)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            message = " ".join(str(e).split()) or type(e).__name__
-            if os.fspath(weights) not in message:
-                message = f"{os.fspath(weights)}: {message}"
-            raise SegmenterError(f"cannot load weights: {message}") from None
-        if not hasattr(net, "head") or not hasattr(net.head, "inputs"):
-            raise SegmenterError(f"{os.fspath(weights)} holds {getattr(net, 'arch_name', '?')}, "
-                                 "not a segmentation model")
+    def from_pretrained(cls, name_or_path: Optional[Union[str, os.PathLike]] = None, *,
+                        weights: Optional[Union[str, os.PathLike]] = None, dtype: str = "float32",
+                        dataset: Optional[str] = None, revision: str = "main",
+                        log: Optional[Callable[[str], None]] = None, **kwargs: Any) -> "Segmenter":
+        """A segmenter from a registered name or a local checkpoint / MLX model folder.
+
+        ``name_or_path``: a registered segmentation name (weights from the
+        Hub, converted once and cached by :func:`mlx_evit.load`), an
+        original ``.pt``, any checkpoint the converter reads, or a converted
+        folder; default :data:`DEFAULT_MODEL`. ``weights``: a local file or
+        folder, with ``name_or_path`` the name it must hold. Other keyword
+        arguments go to :class:`Segmenter`. A name of another kind
+        (classification, SAM) is refused before any download. Raises
+        :class:`SegmenterError` and :class:`~mlx_evit.errors.HubError`.
+        """
+        net, requested = load_for_task(name_or_path, kind="segmentation", error=SegmenterError,
+                                       default=DEFAULT_MODEL, weights=weights, dtype=dtype, revision=revision,
+                                       log=log)
         tagged = requested is not None and split_name(requested)[1] is not None
         return cls(net, dataset=dataset, preprocess=get_pretrained_cfg(requested) if tagged else None,
                    name=requested if tagged else None, **kwargs)
+
+    @classmethod
+    def load(cls, model: Optional[str] = None, *, weights: Optional[Union[str, os.PathLike]] = None,
+             dtype: str = "float32", dataset: Optional[str] = None, revision: str = "main",
+             log: Optional[Callable[[str], None]] = None, **kwargs: Any) -> "Segmenter":
+        """The same as :meth:`from_pretrained` (the earlier name, kept): ``model`` is ``name_or_path``."""
+        return cls.from_pretrained(model, weights=weights, dtype=dtype, dataset=dataset, revision=revision,
+                                   log=log, **kwargs)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -229,8 +216,18 @@ class Segmenter:
         """Stride-8 logits ``(B, h / 8, w / 8, classes)`` of normalised ``(B, h, w, 3)`` inputs."""
         return self._predict(mx.array(x))
 
-    def __call__(self, image: ImageLike) -> Segmentation:
-        """Segment one image (PIL image, uint8 array or file path)."""
+    def __call__(self, images: Union[ImageLike, Sequence[ImageLike]]) -> Union[Segmentation, list[Segmentation]]:
+        """Segment one image, or each image of a list (a list of results).
+
+        An image is a file path, a PIL image, a uint8 ``(H, W, 3)`` array or
+        a ``[0, 1]`` float array (:mod:`mlx_evit.tasks.images`); another type
+        raises :class:`~mlx_evit.errors.InputTypeError`.
+        """
+        items, batch = as_batch(images)
+        results = [self._segment_one(image) for image in items]
+        return results if batch else results[0]
+
+    def _segment_one(self, image: ImageLike) -> Segmentation:
         file = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
         x, pixels = self.preprocess(image)
         logits = self.logits(x).astype(mx.float32)
@@ -255,31 +252,54 @@ class Segmenter:
             yield result
 
     def evaluate(self, pairs: Iterable[tuple[str, str]], on_image: Optional[Callable[[str, dict], None]] = None,
-                 on_error: Optional[Callable[[str, str], None]] = None) -> dict[str, Any]:
+                 on_error: Optional[Callable[[str, str], None]] = None, *, allow_size_mismatch: bool = False,
+                 on_warning: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
         """mIoU, pixel accuracy and per-class IoU over ``(image file, label file)`` pairs.
 
         Labels follow :meth:`Dataset.to_train_ids`; the logits are resized to
-        the label's size (as the original evaluation). ``on_image(file,
-        stats)`` is called after each image; unreadable pairs go to
-        ``on_error`` (or raise :class:`ImageLoadError` without it).
+        the label's size (as the original evaluation). A label map whose size
+        differs from its image's is an error naming both files, unless
+        ``allow_size_mismatch``: then the prediction is scored at the label's
+        size. A label file named against the dataset's scheme (a Cityscapes
+        ``*_gtFine_labelIds.png`` under ADE20K rules, or a name without
+        ``_labelIds``/``_labelTrainIds`` under Cityscapes rules) gives one
+        warning, to ``on_warning(message)`` (default: :func:`warnings.warn`
+        with :class:`~mlx_evit.errors.DatasetWarning`); the report lists the
+        warnings under ``"warnings"``. ``on_image(file, stats)`` is called
+        after each image; unreadable or mismatched pairs go to ``on_error``
+        (or raise without it: :class:`~mlx_evit.errors.ImageLoadError`,
+        :class:`SegmenterError`).
         """
         meter = IoUMeter(self.dataset.num_classes)
+        notes: list[str] = []
         for image_file, label_file in pairs:
             try:
                 pixels = np.asarray(load_image(image_file))
-                target = self.dataset.to_train_ids(_read_label(label_file), os.path.basename(label_file))
+                raw = _read_label(label_file)
+                if raw.shape[:2] != pixels.shape[:2] and not allow_size_mismatch:
+                    (lh, lw), (ih, iw) = raw.shape[:2], pixels.shape[:2]
+                    raise SegmenterError(f"{label_file}: the label map is {lw}x{lh} but its image {image_file} is "
+                                         f"{iw}x{ih} (allow_size_mismatch=True scores at the label's size)")
+                target = self.dataset.to_train_ids(raw, os.path.basename(label_file))
             except (ImageLoadError, ValueError) as e:
                 if on_error is None:
                     raise
                 on_error(image_file, str(e))
                 continue
+            problem = self.dataset.naming_problem(label_file)
+            if problem is not None and not notes:
+                notes.append(f"{problem} (reported for the first such file only)")
+                if on_warning is not None:
+                    on_warning(notes[-1])
+                else:
+                    warnings.warn(notes[-1], DatasetWarning, stacklevel=2)
             x, _ = self.preprocess(pixels)
             logits = self.logits(x).astype(mx.float32)
             prediction = resize_argmax(logits, target.shape)[0]
             meter.update(prediction, target)
             if on_image is not None:
                 on_image(image_file, {"pixels": int((target != IGNORE).sum())})
-        return meter.summary(self.dataset.classes)
+        return {**meter.summary(self.dataset.classes), "warnings": notes}
 
 
 def _read_label(path: str) -> np.ndarray:

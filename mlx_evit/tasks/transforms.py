@@ -36,7 +36,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mlx_evit.errors import one_line
+from mlx_evit.errors import ImageLoadError, one_line
 from mlx_evit.models.specs import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
 
 __all__ = [
@@ -81,10 +81,6 @@ MAX_RESIZED_PIXELS = 1 << 26
 """Largest image the evaluation resize may produce (before the center crop)."""
 MAX_INPUT_SIDE = 8192
 """Largest side of a preprocessing config's ``input_size`` and of its resize target."""
-
-
-class ImageLoadError(ValueError):
-    """An image file could not be read; the message names the file and the cause."""
 
 
 # ---------------------------------------------------------------- loading
