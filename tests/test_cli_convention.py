@@ -237,7 +237,7 @@ def test_given_records_options_typed_even_with_their_default():
 def test_sam_everything_options_show_their_defaults():
     text = importlib.import_module("mlx_evit.cli.sam_command").build_parser().format_help()
     text = text.split("--everything options")[1]
-    for option, default in (("--points-per-side", 32), ("--points-per-batch", 64), ("--pred-iou-thresh", 0.88),
+    for option, default in (("--points-per-side", 32), ("--points-per-batch", 16), ("--pred-iou-thresh", 0.88),
                             ("--stability-thresh", 0.95), ("--crop-layers", 0)):
         block = text.split(option, 1)[1].split("\n  -", 1)[0]
         assert f"(default: {default})" in " ".join(block.split()), option

@@ -26,6 +26,7 @@ from mlx_evit.tasks.classifier import (
 from mlx_evit.errors import HubError
 from mlx_evit.outputs import OutputError, check_output_file
 from mlx_evit.cli.common import (
+    load_problem,
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
@@ -250,7 +251,7 @@ def _run(args: argparse.Namespace, fmt: str, console: Console) -> int:
         classifier = Classifier.load(model, weights=args.weights, dtype=args.dtype, labels=args.labels,
                                      log=console.log)
     except (ClassifierError, HubError, ValueError) as e:
-        raise UsageError(e) from None
+        raise UsageError(load_problem(e)) from None
 
     try:
         sink = target.open()

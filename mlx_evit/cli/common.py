@@ -82,7 +82,7 @@ __all__ = [
     "positive_int", "unit_fraction", "error_printer", "guarded",
     "prog_name", "command_parser", "exit_status_text", "add_model_options", "add_output", "add_format",
     "add_force", "add_skip_errors", "add_progress", "add_dtype", "add_batch_size", "add_recursive",
-    "given", "option_name", "plural", "weights_path", "output_folder", "CreatedFiles", "refuse", "model_name", "folder_output_name", "run_command",
+    "given", "option_name", "load_problem", "plural", "weights_path", "output_folder", "CreatedFiles", "refuse", "model_name", "folder_output_name", "run_command",
 ]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_RANK_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -489,6 +489,13 @@ def run_command(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
                 return EXIT_INPUT
 
     return guarded(run, console.error)
+
+
+def load_problem(error: BaseException) -> str:
+    """The message of a failed model load, with the command-line way out of a Hub failure."""
+    from mlx_evit.errors import HubError
+
+    return f"{error} (or give --weights PATH)" if isinstance(error, HubError) else str(error)
 
 
 def plural(count: int, word: str, many: Optional[str] = None) -> str:

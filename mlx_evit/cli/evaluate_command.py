@@ -17,6 +17,7 @@ from typing import Optional, Sequence, TextIO
 
 from mlx_evit.cli.common import EXIT_FAILED as EXIT_IMAGES_FAILED
 from mlx_evit.cli.common import (
+    load_problem,
     EXIT_OK,
     EXIT_RANK_FAILED,
     EXIT_USAGE,
@@ -184,7 +185,7 @@ def _run(args: argparse.Namespace, ranks, console: Console) -> int:
     from mlx_evit.tasks.classifier import Classifier, ClassifierError
     from mlx_evit.tasks.evaluation import EvaluationError, ImageFailed, evaluate, find_dataset, map_classes, read_class_map
     from mlx_evit.tasks.distributed import RankFailure
-    from mlx_evit.loading.hub import HubError
+    from mlx_evit.errors import HubError
     from mlx_evit.outputs import OutputError
 
     error = console.error
@@ -213,7 +214,7 @@ def _run(args: argparse.Namespace, ranks, console: Console) -> int:
         classifier = Classifier.load(model, weights=args.weights, dtype=args.dtype, labels=args.labels, log=log)
         indices = map_classes(dataset.folders, classifier.labels, class_map)
     except (EvaluationError, OutputError, ClassifierError, HubError, ValueError, UsageError) as e:
-        problem, code = str(e), EXIT_USAGE
+        problem, code = load_problem(e), EXIT_USAGE
         error(problem)
     try:
         ranks.check(problem)

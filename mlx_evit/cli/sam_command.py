@@ -20,6 +20,7 @@ import numpy as np
 from mlx_evit.cli.common import unit_fraction as _fraction
 from mlx_evit.cli.common import positive_int as _positive
 from mlx_evit.cli.common import (
+    load_problem,
     EXIT_OK,
     Console,
     CreatedFiles,
@@ -134,8 +135,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     g = p.add_argument_group("--everything options (refused without --everything)")
     g.add_argument("--points-per-side", type=_positive, default=32, metavar="N",
                    help="a grid of N x N prompt points per crop")
-    g.add_argument("--points-per-batch", type=_positive, default=64, metavar="N",
-                   help="prompt points decoded together (memory grows with N)")
+    g.add_argument("--points-per-batch", type=_positive, default=16, metavar="N",
+                   help="prompt points decoded together: the mask decoder's memory grows with N (about 1.2 GB "
+                        "at 16, 3.5 GB at 64, Meta's default), not with the image size")
     g.add_argument("--pred-iou-thresh", type=_fraction, default=0.88, metavar="T",
                    help="keep masks whose predicted IoU is at least T")
     g.add_argument("--stability-thresh", type=_fraction, default=0.95, metavar="T",
@@ -162,28 +164,17 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
 
 
 def _load_model(args: argparse.Namespace, console: Console):
-    from mlx_evit.api import load
-    from mlx_evit.loading.hub import HubError
-    from mlx_evit.models.sam_model import EfficientViTSam
+    """The SAM model ``--model``/``--weights`` name, through the task objects' one loader."""
+    from mlx_evit.errors import HubError, SamError
+    from mlx_evit.tasks.pretrained import load_for_task
 
-    name = args.model or (None if args.weights else DEFAULT_MODEL)
-    source = args.weights
     try:
-        if source is None:
-            from mlx_evit.api import pretrained_weights
-
-            source = pretrained_weights(name, log=console.log)
-        net = load(source, dtype=args.dtype, model=name)
+        net, _ = load_for_task(args.model, kind="SAM", error=SamError, default=DEFAULT_MODEL, weights=args.weights,
+                               dtype=args.dtype, log=console.log)
     except HubError as e:  # offline or unreachable with nothing cached: the message says what to do
+        raise UsageError(load_problem(e)) from None
+    except SamError as e:
         raise UsageError(e) from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        message = " ".join(str(e).split()) or type(e).__name__
-        if os.fspath(source) not in message:
-            message = f"{os.fspath(source)}: {message}"
-        raise UsageError(f"cannot load weights: {message}") from None
-    if not isinstance(net, EfficientViTSam):
-        raise UsageError(f"{os.fspath(source)} holds {getattr(net, 'arch_name', type(net).__name__)}, "
-                         "not an EfficientViT-SAM model")
     return net
 
 

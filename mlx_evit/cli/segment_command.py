@@ -19,6 +19,7 @@ import numpy as np
 
 from mlx_evit.cli.common import EXIT_FAILED as EXIT_IMAGES_FAILED
 from mlx_evit.cli.common import (
+    load_problem,
     EXIT_OK,
     Console,
     CreatedFiles,
@@ -228,7 +229,7 @@ def _run_inputs(files: Sequence[str], args: argparse.Namespace) -> list[str]:
 
 
 def _load(args: argparse.Namespace, console: Console):
-    from mlx_evit.loading.hub import HubError
+    from mlx_evit.errors import HubError
     from mlx_evit.tasks.segmenter import Segmenter, SegmenterError
 
     if args.quiet:
@@ -239,7 +240,7 @@ def _load(args: argparse.Namespace, console: Console):
         return Segmenter.load(args.model, weights=args.weights, dtype=args.dtype, dataset=args.dataset,
                               resize_method=args.resize_method, log=console.log)
     except (SegmenterError, HubError, ValueError) as e:
-        raise UsageError(e) from None
+        raise UsageError(load_problem(e)) from None
 
 
 def _check_model(args: argparse.Namespace) -> None:

@@ -133,7 +133,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     import mlx_evit  # noqa: F401  (BLAS set-up before mlx.core)
-    from mlx_evit.loading.hub import HubError
+    from mlx_evit.errors import HubError
     from mlx_evit.tasks.distributed import RankFailure, Ranks
     from mlx_evit.tasks.transforms import ImageLoadError
     from mlx_evit.tasks.seg_training import SegTrainConfig, train_segmentation
