@@ -29,7 +29,7 @@ LAYERS = (
     ("mlx_evit.loading.pipeline",),
     ("mlx_evit.api", "mlx_evit"),
     ("mlx_evit.tasks",),
-    ("mlx_evit.cli",),
+    ("mlx_evit.cli", "mlx_evit.webapp"),  # the command line and the web app, both on top of the tasks
     ("mlx_evit.classify", "mlx_evit.segment", "mlx_evit.sam", "mlx_evit.evaluate", "mlx_evit.__main__"),
 )
 

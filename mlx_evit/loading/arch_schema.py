@@ -301,6 +301,11 @@ def _check_lengths(args: Mapping[str, Any], family: list, arch: str, where: str)
         if all(isinstance(merged.get(k), (list, tuple)) for k in keys):
             patterns.append(tuple(len(merged[k]) for k in keys))
     got = tuple(len(args[k]) for k in keys)
+    if family and family[0].family == "seed":  # the seed model is built to be configured: any stage count,
+        if len(set(got)) > 1:                    # as long as every per-stage list has one entry per stage
+            raise ModelConfigError(f"{where}: arch_args {', '.join(f'{k} ({n})' for k, n in zip(keys, got))} "
+                                   "must have one entry per stage each")
+        return
     if patterns and got not in patterns:
         expected = dict(zip(keys, patterns[0]))
         bad = next((k for k, n in zip(keys, got) if n != expected[k]), keys[0])

@@ -31,7 +31,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_evit.loading.model_dir import CONFIG_NAME, check_target, save_model
+from mlx_evit.api import save_model
 from mlx_evit.outputs import OutputDir, atomic_directory, check_output_dir
 from mlx_evit.tasks.distributed import RankFailure, Ranks
 
@@ -153,7 +153,7 @@ def check_ranks(ranks: Ranks, problem: Optional[Exception]) -> None:
 
 def _is_training_output(folder: Path) -> bool:
     try:
-        return json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get("format") == "mlx_evit"
+        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("format") == "mlx_evit"
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -180,7 +180,7 @@ def save_checkpoint(model: nn.Module, output: Path, inputs: Sequence[Any], optim
     target = check_output_dir(output, inputs, True, option="--output", marker=_is_training_output,
                               describe="an MLX model directory")
     with atomic_directory(target) as tmp:
-        save_model(model, check_target(tmp, force=True), labels=labels, source=source)
+        save_model(model, tmp, labels=labels, source=source, force=True)
         arrays = dict(tree_flatten(optimizer.state))
         arrays = {k: v for k, v in arrays.items() if isinstance(v, mx.array)}
         mx.save_safetensors(str(tmp / STATE_WEIGHTS), arrays, metadata={"format": "mlx_evit_training"})
