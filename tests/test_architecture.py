@@ -20,7 +20,7 @@ from mlx_evit.models.registry import build_model, list_models
 PACKAGE = Path(mlx_evit.__file__).resolve().parent
 MAX_LINES = 500
 # Long modules of work in progress elsewhere in this wave (their owners state a reason or split them).
-NOT_YET_REVIEWED = {"mlx_evit.ops.blas", "mlx_evit.outputs", "mlx_evit.tasks.evaluation", "mlx_evit.models.sam_model"}
+NOT_YET_REVIEWED = {"mlx_evit.ops.blas", "mlx_evit.outputs", "mlx_evit.tasks.evaluation"}
 
 
 def _modules() -> dict[str, Path]:

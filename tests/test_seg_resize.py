@@ -36,7 +36,7 @@ def test_resize_equals_torch_interpolate_on_random_sizes(mode):
     worst = 0.0
     for (h, w), size in random_cases(40, seed=2 if mode == "bicubic" else 3):
         x = rng.standard_normal((2, h, w, 3)).astype(np.float32)
-        got = np.asarray(mlx_evit.ops.resampling(mx.array(x), size, mode=mode))
+        got = np.asarray(mlx_evit.resize(mx.array(x), size, mode=mode))
         ref = torch_resize(x, size, mode)
         assert got.shape == ref.shape
         worst = max(worst, float(np.abs(got - ref).max()))
@@ -79,31 +79,31 @@ def test_the_head_upsampling_path_equals_the_gather_path():
 
 def test_same_size_is_identity_and_half_precision_is_resized_in_float32():
     x = mx.array(np.random.default_rng(6).standard_normal((1, 9, 11, 2)).astype(np.float32))
-    assert mlx_evit.ops.resampling(x, (9, 11)) is x
-    y16 = mlx_evit.ops.resampling(x.astype(mx.float16), (27, 20))
+    assert mlx_evit.resize(x, (9, 11)) is x
+    y16 = mlx_evit.resize(x.astype(mx.float16), (27, 20))
     assert y16.dtype == mx.float16
-    y32 = np.asarray(mlx_evit.ops.resampling(x, (27, 20)))
+    y32 = np.asarray(mlx_evit.resize(x, (27, 20)))
     assert np.abs(np.asarray(y16.astype(mx.float32)) - y32).max() < 2e-2
-    np.testing.assert_allclose(np.asarray(mlx_evit.ops.resampling(np.asarray(x), (3, 4))),
+    np.testing.assert_allclose(np.asarray(mlx_evit.resize(np.asarray(x), (3, 4))),
                                torch_resize(np.asarray(x), (3, 4), "bicubic"), atol=2e-6)
 
 
 def test_bad_arguments_are_one_line_errors():
     x = mx.zeros((1, 4, 4, 3))
     with pytest.raises(ValueError, match="mode"):
-        mlx_evit.ops.resampling(x, (8, 8), mode="nearest")
+        mlx_evit.resize(x, (8, 8), mode="nearest")
     with pytest.raises(ValueError, match="NHWC"):
-        mlx_evit.ops.resampling(mx.zeros((4, 4, 3)), (8, 8))
+        mlx_evit.resize(mx.zeros((4, 4, 3)), (8, 8))
     with pytest.raises(ValueError, match="positive"):
-        mlx_evit.ops.resampling(x, (0, 8))
+        mlx_evit.resize(x, (0, 8))
     with pytest.raises(ValueError, match="height, width"):
-        mlx_evit.ops.resampling(x, 8)
+        mlx_evit.resize(x, 8)
 
 
 @pytest.mark.parametrize("size", [(37, 53), (16, 16), (5, 90)])
 def test_resize_argmax_in_bands_equals_the_whole_resize(size):
     logits = mx.array(np.random.default_rng(7).standard_normal((2, 8, 12, 5)).astype(np.float32))
-    whole = np.asarray(mlx_evit.ops.resampling(logits, size)).argmax(-1)
+    whole = np.asarray(mlx_evit.resize(logits, size)).argmax(-1)
     for budget in (1, 1000, 1 << 24):  # one row per band ... everything at once
         np.testing.assert_array_equal(resize_argmax(logits, size, max_elements=budget), whole)
     assert resize_argmax(logits, size).dtype == np.uint8
