@@ -374,20 +374,21 @@ def linear_attention(q: mx.array, k: mx.array, v: mx.array, eps: float) -> mx.ar
     float32. Products in the O(N d dv) order: ``k^T v`` is one ``(d, dv)``
     matrix per head, so no ``N x N`` array is ever formed.
 
-    The normaliser is ``q . (sum_n k_n)``, a row sum and a multiply-add, not
-    the reference code's extra column of ones appended to ``v`` (``k^T [v|1]``):
-    that padding copies ``v`` into a new ``(..., N, dv + 1)`` array and gives
-    the GEMMs an odd width. Same sums, float32 rounding aside (1e-7 relative).
-    Measured on this x86 CPU (2 cores, ``benchmarks/cpu_ops.py``, LiteMLA at
-    1x32x32x512, the SAM stage-4 shape): 57.6 ms against 64.7 ms with the
-    ones column; at small maps the two are within noise. Not measured on a GPU.
+    The normaliser is the GEMM ``q @ sum_n k_n``, not the reference code's
+    column of ones appended to ``v`` (``k^T [v | 1]``), which copies ``v``
+    into a new ``(..., N, dv + 1)`` array and gives every GEMM an odd width.
+    Same sums, float32 rounding aside (4e-7 relative). Measured on this x86
+    CPU (2 cores shared with other jobs, so within about 20%; compiled,
+    medians): (16, 16, 196, 16) 22.4 ms against 31.1 ms with the ones column,
+    (16, 32, 49, 16) 15.4 against 17.6 ms, and 1.2 against 1.8 s at
+    (1, 16, 1024, 32). On the GPU not measured yet (``gpu_bench.py`` ops
+    table, "relu linear attention").
     """
     q = q.astype(mx.float32)
     k = k.astype(mx.float32)
     v = v.astype(mx.float32)
     kv = k.swapaxes(-1, -2) @ v  # (..., d, dv)
-    k_sum = k.sum(axis=-2, keepdims=True)  # (..., 1, d)
-    den = (q * k_sum).sum(axis=-1, keepdims=True)  # (..., N, 1)
+    den = q @ k.sum(axis=-2)[..., None]  # (..., N, 1)
     return (q @ kv) / (den + eps)
 
 
