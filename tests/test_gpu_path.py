@@ -176,3 +176,15 @@ def test_cpu_parity_tests_keep_their_tolerance():
     if backend.float32_is_tf32():
         pytest.skip("TF32 device: the widened tolerance applies here by design")
     assert np.testing.assert_allclose.__module__.startswith("numpy")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_transposed_conv_gemm_equals_mlx_conv_transpose(monkeypatch, mode):
+    from mlx_evit.models.sam_decoder import ConvTranspose2x2
+
+    monkeypatch.setenv("MLX_EVIT_KERNELS", mode)
+    up = ConvTranspose2x2(12, 5)
+    up.bias = mx.array(np.random.default_rng(5).standard_normal(5).astype(np.float32))
+    x = mx.array(np.random.default_rng(6).standard_normal((2, 3, 4, 12)).astype(np.float32))
+    want = mx.conv_transpose2d(x, up.weight, stride=2) + up.bias
+    np.testing.assert_allclose(np.asarray(up(x)), np.asarray(want), rtol=1e-5, atol=1e-5)

@@ -55,7 +55,14 @@ class ConvTranspose2x2(nn.Module):
 
     Weight ``(O, 2, 2, I)`` (``nn.ConvTranspose2d`` layout); PyTorch stores
     ``(I, O, 2, 2)``, converted by :meth:`torch_to_mlx`. The taps do not
-    overlap, so off the GPU it runs as one GEMM followed by a pixel shuffle.
+    overlap, so on every device it runs as one GEMM ``(B H W, I) @ (I, 4 O)``
+    followed by a pixel shuffle. ``mx.conv_transpose2d`` computes it as a
+    convolution over the zero-dilated input (4x the multiply-adds): on this
+    x86 CPU 4.5 s against 56 ms for the GEMM at 1x64x64x256 -> 64
+    (``gpu_bench.py --device cpu --quick``, ops "convT 2x2 s2"). On the GPU
+    the choice rests on the same count and on the H200's 1x1 convolutions
+    (GEMM 0.79 ms against ``mx.conv2d`` 1.25 ms), not on a measurement of
+    this op; the benchmark's op table measures it.
     """
 
     def __init__(self, in_channels: int, out_channels: int):
@@ -67,8 +74,6 @@ class ConvTranspose2x2(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         B, H, W, C = x.shape
         O = self.weight.shape[0]
-        if use_native():
-            return mx.conv_transpose2d(x, self.weight, stride=2) + self.bias
         w = self.weight.transpose(3, 1, 2, 0).reshape(C, 4 * O)  # (I, (u, v, O))
         y = (x.reshape(B * H * W, C) @ w).reshape(B, H, W, 2, 2, O)
         y = y.transpose(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, O)
