@@ -325,10 +325,11 @@ def run_sam(sides: Sides, quick: bool) -> list[dict]:
 
 
 def run_ops(sides: Sides, quick: bool) -> list[dict]:
-    """Each op in the form mlx_evit runs (``mlx``) and the alternatives it was chosen over."""
+    """Each op in the form mlx_evit runs on this device (``mlx``) and the alternatives (``mlx_*``)."""
     import torch.nn.functional as F
 
     from mlx_evit.ops import cpu_kernels, layers
+    from mlx_evit.ops.backend import use_native
     from mlx_evit.models.sam_decoder import ConvTranspose2x2, attention_core
 
     torch = sides.torch
@@ -367,10 +368,11 @@ def run_ops(sides: Sides, quick: bool) -> list[dict]:
         dw = layers.DepthwiseConv2d(c, k)
         w = np.asarray(dw.weight)
         xm = mx.array(x)
-        conv_case(f"depthwise {k}x{k}", x, w, c, {
-            "mlx": lambda: mx.conv2d(xm, dw.weight, padding=k // 2, groups=c),
-            "mlx_shifted": lambda: cpu_kernels.depthwise_conv2d(xm, dw.weight, 1, dw.STRIDED_VIEW_MAX,
-                                                                dw.TAPS_PER_KERNEL)})
+        builtin = lambda: mx.conv2d(xm, dw.weight, padding=k // 2, groups=c)  # noqa: E731
+        shifted = lambda: cpu_kernels.depthwise_conv2d(xm, dw.weight, 1, dw.STRIDED_VIEW_MAX,  # noqa: E731
+                                                       dw.TAPS_PER_KERNEL)
+        forms = {"mlx": builtin, "mlx_shifted": shifted} if use_native() else {"mlx": shifted, "mlx_conv2d": builtin}
+        conv_case(f"depthwise {k}x{k}", x, w, c, forms)
     # 1x1: matmul (ours: nn.Linear / layers.Conv2d) vs mx.conv2d.
     for shape, o in (((n, 28 // r, 28 // r, 128), 512), ((n, 14 // r, 14 // r, 256), 1024)):
         x, c = arr(*shape), shape[-1]
@@ -410,10 +412,10 @@ def run_ops(sides: Sides, quick: bool) -> list[dict]:
 
     tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).to(sides.tdev)
     tw = torch.from_numpy(np.asarray(w).transpose(3, 0, 1, 2).copy()).to(sides.tdev)  # (I, O, kh, kw)
-    fns = {"mlx": sides.mlx_fn(lambda: mx.conv_transpose2d(x, w, stride=2)), "mlx_gemm": sides.mlx_fn(gemm_shuffle),
+    fns = {"mlx": sides.mlx_fn(lambda: up(x)), "mlx_convT": sides.mlx_fn(lambda: mx.conv_transpose2d(x, w, stride=2)),
            "torch": sides.torch_fn(lambda: F.conv_transpose2d(tx, tw, stride=2))}
     ref = _np(fns["torch"]()).transpose(0, 2, 3, 1)
-    rel = max(_rel(_np(f()), ref) for f in (fns["mlx"], fns["mlx_gemm"]))
+    rel = max(_rel(_np(f()), ref) for f in (fns["mlx"], fns["mlx_convT"], sides.mlx_fn(gemm_shuffle)))
     rows.append(_row(sides, "op", "convT 2x2 s2", "float32", f"1x{s}x{s}x256->64", rel, fns))
     qa, ka, va = mx.array(arr(4, 8, 4096, 16)), mx.array(arr(1, 8, 7, 16)), mx.array(arr(1, 8, 7, 16))
     scale = 0.25
@@ -422,10 +424,10 @@ def run_ops(sides: Sides, quick: bool) -> list[dict]:
         return mx.softmax((qa * scale) @ ka.swapaxes(-1, -2), axis=-1) @ va
 
     tqa, tka, tva = (torch.from_numpy(np.asarray(t)).to(sides.tdev) for t in (qa, ka, va))
-    fns = {"mlx": sides.mlx_fn(lambda: attention_core(qa, ka, va)), "mlx_softmax": sides.mlx_fn(softmax_form),
+    fns = {"mlx": sides.mlx_fn(lambda: attention_core(qa, ka, va)), "mlx_softmax_builtin": sides.mlx_fn(softmax_form),
            "torch": sides.torch_fn(lambda: F.scaled_dot_product_attention(tqa, tka.expand(4, -1, -1, -1),
                                                                           tva.expand(4, -1, -1, -1)))}
-    rel = max(_rel(_np(f()), _np(fns["torch"]())) for f in (fns["mlx"], fns["mlx_softmax"]))
+    rel = max(_rel(_np(f()), _np(fns["torch"]())) for f in (fns["mlx"], fns["mlx_softmax_builtin"]))
     rows.append(_row(sides, "op", "sam image->token attn", "float32", "4x8x4096x16 / 7 keys", rel, fns))
     return rows
 
