@@ -168,8 +168,9 @@ class LiteMLA(nn.Module):
         # Each scale attends in its own layout, with no concatenation of the two copies (one fewer
         # full copy of the 6 * heads * dim channels): the raw copy as a strided (B, heads, N, 3 dim)
         # view, the aggregated one straight from the grouped 1x1's per-group output (B, 3 heads, N, dim),
-        # group 3h + j being q, k, v (j = 0, 1, 2) of head h. x86 CPU, benchmarks/cpu_ops.py: LiteMLA
-        # at 16x14x14x256 94.8 ms against 112.7 ms for the concatenated form (1x32x32x512: 57.6 vs 71.8).
+        # group 3h + j being q, k, v (j = 0, 1, 2) of head h. x86 CPU (benchmarks/litemla_ab.py, min of 15,
+        # compiled, 2 loaded cores): 16x14x14x256 1322 ms against 2995 for the concatenated form, 1x32x32x512
+        # 2162 vs 3911, 8x14x14x128 321 vs 379. GPU: not measured on its own (gpu_bench.py models).
         raw = qkv.reshape(B, N, heads, 3 * d).transpose(0, 2, 1, 3)
         outs = [linear_attention(relu(raw[..., :d]), relu(raw[..., d : 2 * d]), raw[..., 2 * d :], self.eps)]
         for dw, pw in self.aggreg:
