@@ -15,7 +15,6 @@ def old_call(self, x):
     B, H, W, _ = x.shape
     qkv = self.qkv(x)
     dw, pw = self.aggreg[0]
-    C = pw.weight.shape[-1] * pw.groups
     xx = dw(qkv); Bq,Hq,Wq,Cq = xx.shape; g=pw.groups; O=pw.weight.shape[0]
     xg = xx.reshape(Bq*Hq*Wq, g, Cq//g).transpose(1,0,2)
     y = (xg @ pw.weight.reshape(g, O//g, Cq//g).transpose(0,2,1)).transpose(1,0,2).reshape(Bq,Hq,Wq,O)
