@@ -72,7 +72,7 @@ BOUND = {"float32": 1e-4, "tf32": 1e-2, "bfloat16": 1e-1}
 class Sides:
     """Device and precision settings of both runtimes, and the timing loop."""
 
-    def __init__(self, device: str, repeats: int, burst: float):
+    def __init__(self, device: str, repeats: int, burst: float, min_calls: int = 2):
         import torch
 
         from mlx_evit.ops.backend import float32_is_tf32, use_native
@@ -80,7 +80,7 @@ class Sides:
         self.torch = torch
         self.gpu = device == "gpu"
         self.tdev = torch.device("cuda" if self.gpu else "cpu")
-        self.repeats, self.burst = repeats, burst
+        self.repeats, self.burst, self.min_calls = repeats, burst, min_calls
         mx.set_default_device(mx.gpu if self.gpu else mx.cpu)
         self.mlx_tf32 = float32_is_tf32()
         self.info = {
@@ -108,7 +108,7 @@ class Sides:
 
     def _rate(self, fn: Callable[[], object]) -> float:
         n, start = 0, time.perf_counter()
-        while n < 2 or time.perf_counter() - start < self.burst:
+        while n < self.min_calls or time.perf_counter() - start < self.burst:
             fn()
             n += 1
         return n / (time.perf_counter() - start)
@@ -116,8 +116,8 @@ class Sides:
     def time(self, fns: dict[str, Callable[[], object]]) -> dict[str, float]:
         """Median milliseconds per call of each function, bursts alternating in rotating order."""
         for fn in fns.values():
-            fn()
-            fn()
+            for _ in range(self.min_calls):
+                fn()
         rates: dict[str, list[float]] = {k: [] for k in fns}
         keys = list(fns)
         for i in range(self.repeats):
@@ -441,7 +441,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small batches and images (CI, any machine)")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
     p.add_argument("--repeats", type=int, default=None, help="timed bursts per side (default 5, quick 3)")
-    p.add_argument("--burst", type=float, default=None, help="seconds per burst (default 0.3, quick 0.1)")
+    p.add_argument("--burst", type=float, default=None, help="seconds per burst (default 0.3; quick: one call per burst)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -455,8 +455,8 @@ def main(argv=None) -> int:
               "use --device cpu for a smoke run", file=sys.stderr)
         return 2
     repeats = args.repeats or (3 if args.quick else 5)
-    burst = args.burst or (0.1 if args.quick else 0.3)
-    sides = Sides(args.device, repeats, burst)
+    burst = args.burst if args.burst is not None else (0.0 if args.quick else 0.3)
+    sides = Sides(args.device, repeats, burst, min_calls=1 if args.quick else 2)
     print(json.dumps(sides.info), flush=True)
     start = time.perf_counter()
     rows: list[dict] = []
