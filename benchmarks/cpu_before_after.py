@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--base", required=False, help="folder holding the 'before' mlx_evit package")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--only", default="", help="run the cases whose kind or name contains one of these (comma-separated)")
     p.add_argument("--json")
     p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -89,7 +90,10 @@ def main(argv=None) -> int:
         p.error("--base is required")
     sides = {"before": str(Path(args.base).resolve()), "after": str(ROOT)}
     rows = []
+    wanted = [w for w in args.only.split(",") if w]
     for kind, name, shape, dim in CASES:
+        if wanted and not any(w in kind or w in name for w in wanted):
+            continue
         ms: dict[str, list[float]] = {"before": [], "after": []}
         for r in range(args.rounds):
             for side in (("before", "after") if r % 2 == 0 else ("after", "before")):
