@@ -63,7 +63,7 @@ def test_segmenter_takes_pil_or_arrays_and_returns_image_sized_labels(segmenter)
     x = (x - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
     logits = segmenter.model(mx.array(x[None]))
     np.testing.assert_allclose(result.logits, np.asarray(logits[0]), atol=2e-4)
-    full = np.asarray(mlx_evit.ops.resampling(logits, (45, 70)))[0]
+    full = np.asarray(mlx_evit.resize(logits, (45, 70)))[0]
     assert (full.argmax(-1) != result.labels).mean() < 1e-3
     np.testing.assert_allclose(result.resized_logits(), full, atol=2e-4)
     fractions = result.class_fractions()
