@@ -6,9 +6,16 @@ nobody here wrote, or with its fixtures; must pass under
 ``pytest -m "not slow"`` is the quick loop). ``slow`` is given here from
 :data:`SLOW`, the slowest cases of a full run (``--durations``), so the
 list stays in one place.
+
+On a GPU where MLX runs float32 in TF32 (its CUDA default), the parity
+tests compare with the TF32 tolerance of :mod:`tests.precision`; on the CPU
+and with ``MLX_ENABLE_TF32=0`` nothing changes.
 """
 
+import numpy as np
 import pytest
+
+from mlx_evit.ops.backend import float32_is_tf32
 
 SLOW = (
     # measured in the full run of 21:35 UTC (2 shared cores): 9-28 s each, with their fixtures
@@ -39,3 +46,13 @@ def pytest_collection_modifyitems(config, items):
         nodeid = item.nodeid.removeprefix("tests/")
         if nodeid.startswith(SLOW):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _tf32_tolerance(request, monkeypatch):
+    """Under TF32 (GPU, MLX_ENABLE_TF32 not 0), widen a parity test's assert_allclose to tests.precision.TF32_REL."""
+    if request.node.get_closest_marker("parity") is not None and float32_is_tf32():
+        from precision import tf32_assert_allclose
+
+        monkeypatch.setattr(np.testing, "assert_allclose", tf32_assert_allclose(np.testing.assert_allclose))
+    yield

@@ -430,10 +430,10 @@ def test_layers_dispatch_on_the_switch(monkeypatch, mode):
     monkeypatch.setenv("MLX_EVIT_KERNELS", mode)
     expect = mx.sigmoid(x) if mode == "native" else cpu_kernels.sigmoid(x)
     np.testing.assert_array_equal(np.array(layers.sigmoid(x)), np.array(expect))
-    conv = layers.GroupedPointwise(8, 8, groups=4)
+    conv = layers.DepthwiseConv2d(8, 3)
     xc = mx.array(np.random.default_rng(3).standard_normal((1, 5, 5, 8)).astype(np.float32))
-    expect = (mx.conv2d(xc, conv.weight, groups=4) if mode == "native"
-              else cpu_kernels.grouped_pointwise(xc, conv.weight, 4))
+    expect = (mx.conv2d(xc, conv.weight, padding=1, groups=8) if mode == "native"
+              else cpu_kernels.depthwise_conv2d(xc, conv.weight, 1, conv.STRIDED_VIEW_MAX, conv.TAPS_PER_KERNEL))
     np.testing.assert_array_equal(np.array(conv(xc)), np.array(expect))
 
 

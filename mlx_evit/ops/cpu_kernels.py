@@ -27,7 +27,6 @@ __all__ = [
     "patches",
     "fusion_boundary",
     "depthwise_conv2d",
-    "grouped_pointwise",
     "im2col_conv2d",
 ]
 
@@ -157,19 +156,6 @@ def depthwise_conv2d(x: mx.array, weight: mx.array, stride: int, strided_view_ma
         term = tap * w[n]
         y = term if y is None else y + term
     return y
-
-
-def grouped_pointwise(x: mx.array, weight: mx.array, groups: int) -> mx.array:
-    """Grouped 1x1 convolution ``(B, H, W, C) -> (B, H, W, O)`` as one batched matmul over the groups.
-
-    ``weight``: ``(O, 1, 1, C / groups)`` (MLX conv layout).
-    """
-    B, H, W, C = x.shape
-    g, O = groups, weight.shape[0]
-    xg = x.reshape(B * H * W, g, C // g).transpose(1, 0, 2)  # (g, N, C/g)
-    wg = weight.reshape(g, O // g, C // g)  # (g, O/g, C/g)
-    y = xg @ wg.transpose(0, 2, 1)  # (g, N, O/g)
-    return y.transpose(1, 0, 2).reshape(B, H, W, O)
 
 
 def im2col_conv2d(x: mx.array, weight: mx.array, bias: Optional[mx.array],

@@ -139,6 +139,12 @@ class DepthwiseConv2d(nn.Module):
     ``k * k`` shifted, per-channel-scaled views, which ``mx.compile`` fuses
     into a few passes (:attr:`TAPS_PER_KERNEL` taps each) without
     materialising the ``k * k`` copies.
+
+    Per backend, measured: on an H200 (MLX CUDA) the built-in depthwise kernel
+    takes 0.68 ms at 256x56x56x256 (3x3) and 0.39 ms at 256x14x14x768 (5x5),
+    against 3.1-3.5 and 1.9 ms for the shifted sums, so the native path keeps
+    ``mx.conv2d`` (the Apple GPU has its own depthwise kernel too). On MLX's
+    CPU backend the shifted sums win (whole models, x86; numbers above).
     """
 
     # CPU choice between the two forms by the number of tap products B * Ho * Wo * C * k * k,
@@ -182,7 +188,10 @@ class DepthwiseConv2d(nn.Module):
 
 
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` (same parameters and semantics) that runs narrow dense convolutions as one GEMM on the CPU.
+    """``nn.Conv2d`` (same parameters and semantics) that runs 1x1 and narrow dense convolutions as one GEMM.
+
+    1x1 (stride 1, no padding, ungrouped) convolutions are a matmul on every
+    device (see :meth:`__call__` for the measurement).
 
     For ``groups == 1`` and no dilation with ``in_channels * out_channels``
     at most :attr:`IM2COL_MAX_CHANNELS`, the CPU path builds the
@@ -196,9 +205,18 @@ class Conv2d(nn.Conv2d):
     IM2COL_MAX_CHANNELS = 64 * 128  # measured crossover of in * out channels on x86
 
     def __call__(self, x: mx.array) -> mx.array:
-        O, _, _, C = self.weight.shape
+        O, kh, kw, C = self.weight.shape
         dilation = (self.dilation,) * 2 if isinstance(self.dilation, int) else tuple(self.dilation)
-        if use_native() or self.groups != 1 or dilation != (1, 1) or C * O > self.IM2COL_MAX_CHANNELS:
+        if self.groups != 1 or dilation != (1, 1):
+            return super().__call__(x)
+        if (kh, kw) == (1, 1) and tuple(self.stride) == (1, 1) and tuple(self.padding) == (0, 0):
+            # A 1x1 convolution is a GEMM over the channels, on every device: on an H200 (MLX CUDA,
+            # 256x28x28x128 -> 512) x @ W.T takes 0.79 ms against 1.25 ms for mx.conv2d.
+            w = self.weight.reshape(O, C).T
+            y = x.reshape(-1, C)
+            y = mx.addmm(self.bias, y, w) if "bias" in self else y @ w
+            return y.reshape(*x.shape[:-1], O)
+        if use_native() or C * O > self.IM2COL_MAX_CHANNELS:
             return super().__call__(x)
         return cpu_kernels.im2col_conv2d(x, self.weight, self.get("bias"), self.stride, self.padding)
 
@@ -206,8 +224,16 @@ class Conv2d(nn.Conv2d):
 class GroupedPointwise(nn.Module):
     """1x1 convolution with ``groups`` groups, no bias: ``(B, H, W, C) -> (B, H, W, O)``.
 
-    Weight ``(O, 1, 1, C / groups)`` (MLX conv layout). The CPU path runs it
-    as one batched matmul over the groups instead of MLX's grouped-conv loop.
+    Weight ``(O, 1, 1, C / groups)`` (MLX conv layout). On every device and in
+    both kernel modes it runs as one batched matmul over the groups
+    (:meth:`per_group`), never as a grouped ``mx.conv2d``. Measured at
+    LiteMLA's shapes: on an H200 (MLX CUDA, float32 without TF32)
+    ``mx.conv2d(groups=24)`` at 256x14x14x768 takes 6.22 ms, the batched
+    matmul 0.59 ms (groups 48 at 256x7x7x1536: 3.69 vs 0.28 ms); on MLX's
+    CPU backend grouped convolutions are a scalar loop (x86, 4x14x14x768,
+    groups 24: 272 ms against 13 ms; ``gpu_bench.py --device cpu --quick``,
+    a loaded machine). The Apple GPU runs the same generic grouped-conv
+    kernel as CUDA; that it gains there too is expected, not measured.
     """
 
     def __init__(self, in_channels: int, out_channels: int, groups: int):
@@ -218,10 +244,21 @@ class GroupedPointwise(nn.Module):
         scale = 1.0 / math.sqrt(in_channels // groups)
         self.weight = mx.random.uniform(-scale, scale, (out_channels, 1, 1, in_channels // groups))
 
+    def per_group(self, x: mx.array) -> mx.array:
+        """``(B, H, W, C) -> (B, groups, H * W, O / groups)``: group ``g``'s output channels, contiguous.
+
+        The layout LiteMLA attends in (one group per q, k or v of a head), so
+        it needs no transpose of the output.
+        """
+        B, H, W, C = x.shape
+        g, O = self.groups, self.weight.shape[0]
+        xg = x.reshape(B, H * W, g, C // g).transpose(0, 2, 1, 3)  # (B, g, N, C/g), a strided view
+        return xg @ self.weight.reshape(g, O // g, C // g).transpose(0, 2, 1)  # (g, C/g, O/g) broadcast over B
+
     def __call__(self, x: mx.array) -> mx.array:
-        if use_native():
-            return mx.conv2d(x, self.weight, groups=self.groups)
-        return cpu_kernels.grouped_pointwise(x, self.weight, self.groups)
+        B, H, W, _ = x.shape
+        y = self.per_group(x)
+        return y.transpose(0, 2, 1, 3).reshape(B, H, W, -1)
 
     @staticmethod
     def torch_to_mlx(leaf: str, value):
@@ -334,16 +371,25 @@ def linear_attention(q: mx.array, k: mx.array, v: mx.array, eps: float) -> mx.ar
 
     ``q, k``: ``(..., N, d)`` non-negative feature maps (already passed through
     the kernel function); ``v``: ``(..., N, dv)``. Returns ``(..., N, dv)`` in
-    float32. ``k^T [v | 1]`` is one ``(d, dv + 1)`` matrix per head, so no
-    ``N x N`` array is ever formed; its last column is the normaliser.
+    float32. Products in the O(N d dv) order: ``k^T v`` is one ``(d, dv)``
+    matrix per head, so no ``N x N`` array is ever formed.
+
+    The normaliser is the GEMM ``q @ sum_n k_n``, not the reference code's
+    column of ones appended to ``v`` (``k^T [v | 1]``), which copies ``v``
+    into a new ``(..., N, dv + 1)`` array and gives every GEMM an odd width.
+    Same sums, float32 rounding aside (4e-7 relative). Measured on this x86
+    CPU (2 cores shared with other jobs, so within about 20%; compiled,
+    medians): (16, 16, 196, 16) 22.4 ms against 31.1 ms with the ones column,
+    (16, 32, 49, 16) 15.4 against 17.6 ms, and 1.2 against 1.8 s at
+    (1, 16, 1024, 32). On the GPU not measured yet (``gpu_bench.py`` ops
+    table, "relu linear attention").
     """
     q = q.astype(mx.float32)
     k = k.astype(mx.float32)
     v = v.astype(mx.float32)
-    ones = mx.ones(v.shape[:-1] + (1,), dtype=mx.float32)
-    kv = k.swapaxes(-1, -2) @ mx.concatenate([v, ones], axis=-1)  # (..., d, dv + 1)
-    out = q @ kv  # (..., N, dv + 1)
-    return out[..., :-1] / (out[..., -1:] + eps)
+    kv = k.swapaxes(-1, -2) @ v  # (..., d, dv)
+    den = q @ k.sum(axis=-2)[..., None]  # (..., N, 1)
+    return (q @ kv) / (den + eps)
 
 
 # ---------------------------------------------------------------------------

@@ -16,6 +16,33 @@ the taps along the axis with ``mx.take``.
 
 :func:`resize_argmax` resizes class logits and takes the argmax in bands
 of output rows, so the full-size logits never exist at once.
+
+The same per-axis taps give the dense 1-D matrices of :func:`resize_matrix`,
+used where a resize is better written as a GEMM: EfficientViT-SAM's neck
+(:func:`resize_by_matrix`) and mask postprocess, and the bicubic resize of
+EfficientViT-M attention-bias tables.
+
+The second rule here is OpenCV's: :func:`cv2_resize_cubic` reproduces
+``cv2.resize(..., interpolation=cv2.INTER_CUBIC)`` on uint8 images in numpy
+(the original EfficientViT-Seg evaluation's preprocessing; no OpenCV needed).
+Two implementations exist inside OpenCV, and which one runs depends on how
+it was built:
+
+* ``method="ipp"`` (default): Intel IPP's cubic resize, which x86-64
+  OpenCV wheels from PyPI call by default, and therefore what the original
+  evaluation ran. It computes in floating point and rounds to the nearest
+  level; this implementation does the same in float64 and agrees with it on
+  all but about 4 in a million values (off by one level there; IPP's
+  internal rounding is not published). Sources narrower than 4 pixels take
+  OpenCV's own algorithm, as OpenCV does.
+* ``method="opencv"``: OpenCV's own algorithm, which runs where IPP is not
+  built in (or ``cv2.ipp.setUseIPP(False)``): 11-bit fixed-point tap
+  weights, an integer horizontal pass and a float32 vertical pass (an
+  integer one for the last few values of each row, as its SIMD loop leaves
+  them). Bit-exact with OpenCV's x86 build.
+
+Both use OpenCV's sample positions ``(dst + 0.5) * in / out - 0.5`` with the
+cubic kernel ``A = -0.75`` and replicated borders, and saturate to 0..255.
 """
 
 from __future__ import annotations
@@ -26,7 +53,8 @@ from typing import Optional, Sequence, Union
 import mlx.core as mx
 import numpy as np
 
-__all__ = ["resize", "resize_argmax", "source_taps", "MODES"]
+__all__ = ["resize", "resize_argmax", "source_taps", "resize_matrix", "resize_by_matrix", "cv2_resize_cubic", "MODES",
+           "METHODS"]
 
 MODES = ("bicubic", "bilinear")
 _CUBIC_A = np.float32(-0.75)
@@ -165,6 +193,40 @@ def _axis_pass(x: mx.array, axis: int, out_size: int, mode: str) -> mx.array:
     return y
 
 
+@functools.lru_cache(maxsize=64)
+def _dense(in_size: int, out_size: int, mode: str) -> np.ndarray:
+    idx, w = source_taps(in_size, out_size, mode)
+    out = np.zeros((out_size, in_size), np.float32)
+    for j in range(idx.shape[1]):
+        np.add.at(out, (np.arange(out_size), idx[:, j]), w[:, j])
+    out.flags.writeable = False
+    return out
+
+
+def resize_matrix(n_in: int, n_out: int, mode: str = "bicubic") -> np.ndarray:
+    """``(n_out, n_in)`` float32 matrix of torch's 1-D resize (:func:`source_taps`, border taps summed); read-only."""
+    return _dense(int(n_in), int(n_out), mode)
+
+
+def resize_by_matrix(x: mx.array, size: Sequence[int], mode: str = "bicubic") -> mx.array:
+    """:func:`resize` written as two GEMMs with :func:`resize_matrix` (height pass first), float32 inside.
+
+    For small maps resized to a fixed grid (SAM's neck: 16x16 or 32x32 to
+    64x64), where each pass is one matmul over all the channels at once.
+    """
+    B, h, w, C = x.shape
+    H, W = (int(s) for s in size)
+    if (h, w) == (H, W):
+        return x
+    dtype = x.dtype
+    x = x.astype(mx.float32)
+    if h != H:
+        x = (mx.array(resize_matrix(h, H, mode)) @ x.reshape(B, h, w * C)).reshape(B, H, w, C)
+    if w != W:
+        x = mx.array(resize_matrix(w, W, mode)) @ x.reshape(B * H, w, C)
+    return x.reshape(B, H, W, C).astype(dtype)
+
+
 def _check(x: mx.array, size: Sequence[int], mode: str) -> tuple[int, int]:
     if mode not in MODES:
         raise ValueError(f"unsupported resize mode {mode!r}; expected one of {', '.join(MODES)}")
@@ -231,3 +293,104 @@ def resize_argmax(
             y = term if y is None else y + term
         out[:, r0:r1] = np.asarray(mx.argmax(y, axis=-1)).astype(out.dtype)
     return out
+
+
+# ---------------------------------------------------------------------------
+# OpenCV's cubic rule (uint8 images, numpy)
+# ---------------------------------------------------------------------------
+
+METHODS = ("ipp", "opencv")
+_CV2_A = -0.75
+_COEF_BITS = 11  # OpenCV's INTER_RESIZE_COEF_BITS
+_IPP_MIN_SIDE = 4  # OpenCV calls IPP only when both source sides have at least 4 pixels (measured)
+_SIMD_LANES = 8  # int16 lanes of the 128-bit vertical loop (the rest of a row takes the scalar path)
+
+
+def _positions(in_size: int, out_size: int, float32: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(first source index - 1 of the 4 taps, fractional offset) per output index."""
+    scale = 1.0 / (out_size / in_size)  # OpenCV: scale = 1 / inv_scale, inv_scale = out / in (double)
+    f = (np.arange(out_size) + 0.5) * scale - 0.5
+    if float32:
+        f = f.astype(np.float32)
+    base = np.floor(f).astype(np.int64)
+    return base, f - base.astype(f.dtype)
+
+
+def _cubic(x: np.ndarray) -> np.ndarray:
+    """The 4 cubic weights for offsets ``x`` (in ``x``'s dtype); OpenCV's ``interpolateCubic``."""
+    dt = x.dtype.type
+    a, one = dt(_CV2_A), dt(1)
+    x1 = x + one
+    c0 = ((a * x1 - dt(5) * a) * x1 + dt(8) * a) * x1 - dt(4) * a
+    c1 = ((a + dt(2)) * x - (a + dt(3))) * x * x + one
+    y = one - x
+    c2 = ((a + dt(2)) * y - (a + dt(3))) * y * y + one
+    c3 = one - c0 - c1 - c2
+    return np.stack([c0, c1, c2, c3], axis=-1)
+
+
+def _taps(in_size: int, out_size: int, float32: bool) -> tuple[np.ndarray, np.ndarray]:
+    base, frac = _positions(in_size, out_size, float32)
+    idx = np.clip(base[:, None] + np.arange(-1, 3)[None, :], 0, in_size - 1)
+    return idx, _cubic(frac)
+
+
+def _resize_float(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    H, W, _ = img.shape
+    ix, cx = _taps(W, w, float32=False)
+    iy, cy = _taps(H, h, float32=False)
+    src = img.astype(np.float64)
+    rows = sum(src[:, ix[:, j], :] * cx[None, :, j, None] for j in range(4))  # (H, w, C)
+    out = sum(rows[iy[:, j]] * cy[:, j, None, None] for j in range(4))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _resize_fixed_point(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    H, W, C = img.shape
+    scale = 1 << _COEF_BITS
+    ix, cx = _taps(W, w, float32=True)
+    iy, cy = _taps(H, h, float32=True)
+    ax = np.rint(cx * np.float32(scale)).astype(np.int64)  # saturate_cast<short>: round half to even
+    ay = np.rint(cy * np.float32(scale)).astype(np.int64)
+    src = img.astype(np.int64)
+    rows = sum(src[:, ix[:, j], :] * ax[None, :, j, None] for j in range(4)).reshape(H, w * C)  # exact ints
+    n = w * C
+    vec = n - n % _SIMD_LANES if n >= _SIMD_LANES else 0
+    # Vertical SIMD loop: float32 products of the int rows and beta / 2**22, summed from the last tap.
+    beta = (ay.astype(np.float32) * np.float32(1.0 / (scale * scale))).astype(np.float32)  # (h, 4)
+    taps = [rows[iy[:, j], :vec].astype(np.float32) for j in range(4)]  # (h, vec) each
+    acc = taps[3] * beta[:, 3:4]
+    for j in (2, 1, 0):
+        acc = taps[j] * beta[:, j : j + 1] + acc
+    out = np.empty((h, n), np.uint8)
+    out[:, :vec] = np.clip(np.rint(acc), 0, 255).astype(np.uint8)
+    if vec < n:  # scalar tail: integer sum, rounded shift by 22 bits
+        tail = sum(rows[iy[:, j], vec:] * ay[:, j : j + 1] for j in range(4))
+        out[:, vec:] = np.clip((tail + (1 << (2 * _COEF_BITS - 1))) >> (2 * _COEF_BITS), 0, 255).astype(np.uint8)
+    return out.reshape(h, w, C)
+
+
+def cv2_resize_cubic(image: np.ndarray, size: Sequence[int], method: str = "ipp") -> np.ndarray:
+    """``cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_CUBIC)`` for uint8 ``(H, W[, C])``.
+
+    ``size``: ``(height, width)`` (numpy order; OpenCV's ``dsize`` is
+    ``(width, height)``). ``method``: ``"ipp"`` or ``"opencv"`` (module
+    docstring). The same size returns a copy.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    img = np.asarray(image)
+    if img.dtype != np.uint8 or img.ndim not in (2, 3) or min(img.shape[:2]) < 1:
+        raise ValueError(f"expected a uint8 (H, W) or (H, W, C) image, got {img.dtype} {img.shape}")
+    h, w = (int(s) for s in size)
+    if h < 1 or w < 1:
+        raise ValueError(f"size must be positive, got {h}x{w}")
+    squeeze = img.ndim == 2
+    img = img[:, :, None] if squeeze else img
+    if (h, w) == img.shape[:2]:
+        out = img.copy()
+    elif method == "ipp" and min(img.shape[:2]) >= _IPP_MIN_SIDE:
+        out = _resize_float(img, h, w)
+    else:
+        out = _resize_fixed_point(img, h, w)
+    return out[:, :, 0] if squeeze else out

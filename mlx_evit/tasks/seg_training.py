@@ -44,7 +44,7 @@ from mlx.utils import tree_flatten
 
 import mlx_evit
 from mlx_evit.models.registry import IMAGENET_MEAN, IMAGENET_STD, get_entry
-from mlx_evit.ops.cv2_resampling import cv2_resize_cubic
+from mlx_evit.ops.resampling import cv2_resize_cubic
 from mlx_evit.ops.resampling import resize_argmax
 from mlx_evit.tasks.distributed import Ranks, shard_bounds
 from mlx_evit.tasks.transforms import ImageLoadError

@@ -38,7 +38,7 @@ from mlx_evit.tasks.transforms import load_image
 from mlx_evit.tasks.pretrained import load_for_task
 from mlx_evit.models.registry import IMAGENET_MEAN, IMAGENET_STD, get_pretrained_cfg, split_name
 from mlx_evit.ops.resampling import resize, resize_argmax
-from mlx_evit.ops.cv2_resampling import cv2_resize_cubic
+from mlx_evit.ops.resampling import cv2_resize_cubic
 from mlx_evit.tasks.seg_datasets import (DATASETS, IGNORE, Dataset, IoUMeter, custom_dataset, get_dataset,
                                         input_size_for)
 
