@@ -355,7 +355,9 @@ def test_command_errors_are_one_line(server, tmp_path):
         (["--images", str(tmp_path / "missing")], "--images"),
         (["--port", str(server.port)], "cannot listen on 127.0.0.1"),  # busy: fails before the model loads
         (["--port", "70000"], "0-65535"),
-        (["--model", "efficientvit_sam_l0", "--weights", "x"], "not allowed with argument"),
+        (["--model", "efficientvit_sam_l0", "--weights", "x"], "--weights x: no such file or folder"),
+        (["--model", "efficientvit_seg_b0_cityscapes"], "a segmentation model"),
+        (["-q", "--progress"], "unrecognized arguments: --progress"),
     ]
     for args, needle in cases:
         r = _serve(*args)

@@ -154,11 +154,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     if argv[:1] == ["serve"]:  # the web app: mlx_evit.cli.sam_serve
         from mlx_evit.cli.sam_serve import main as serve
 
-        return serve(argv[1:])
+        return serve(argv[1:], prog=f"{prog or prog_name('sam')} serve")
     if argv[:1] == ["train"]:  # fine-tuning: mlx_evit.cli.sam_train
         from mlx_evit.cli.sam_train import main as train
 
-        return train(argv[1:])
+        return train(argv[1:], prog=f"{prog or prog_name('sam')} train")
     parser = build_parser(prog)
     return run_command(parser, argv, lambda args, console: _run(parser, args, console))
 

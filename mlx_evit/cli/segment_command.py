@@ -208,7 +208,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     if argv[:1] == ["train"]:  # fine-tuning: mlx_evit.cli.segment_train
         from mlx_evit.cli.segment_train import main as train
 
-        return train(argv[1:])
+        return train(argv[1:], prog=f"{prog or prog_name('segment')} train")
     parser = build_parser(prog)
 
     def body(args: argparse.Namespace, console: Console) -> int:

@@ -95,6 +95,7 @@ class SamTrainConfig:
     seed: int = 0
     force: bool = False
     progress: bool = True
+    progress_bar: Optional[bool] = None  # redraw the bar in place (None: when stderr is a terminal)
     log: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr, flush=True), repr=False)
 
 
@@ -321,7 +322,7 @@ def train_sam(config: SamTrainConfig, ranks: Optional[Ranks] = None) -> dict[str
         sync_batch_norms(model.image_encoder, ranks.group, on=True)
     lo, hi = shard_bounds(B, ranks.size, ranks.rank)
     last = min(total, config.stop_after) if config.stop_after else total
-    progress = Progress(last - start, config.progress and ranks.rank == 0)
+    progress = Progress(last - start, config.progress and ranks.rank == 0, bar=config.progress_bar)
     rounds = 1 + max(0, config.corrections)
 
     def loss_fn(source, image_index, round_prompts, targets, multimask, count):

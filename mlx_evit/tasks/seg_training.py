@@ -95,6 +95,7 @@ class SegTrainConfig:
     seed: int = 0
     force: bool = False
     progress: bool = True
+    progress_bar: Optional[bool] = None  # redraw the bar in place (None: when stderr is a terminal)
     log: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr, flush=True), repr=False)
 
 
@@ -289,7 +290,7 @@ def train_segmentation(config: SegTrainConfig, ranks: Optional[Ranks] = None) ->
     sync_batch_norms(model, ranks.group, on=True)
     model.train()
     last = min(total, config.stop_after) if config.stop_after else total
-    progress = Progress(last - start, config.progress and ranks.rank == 0)
+    progress = Progress(last - start, config.progress and ranks.rank == 0, bar=config.progress_bar)
     losses = []
     with ThreadPoolExecutor(max_workers=2) as pool:
         for step, images, labels, valid in _batches(config, data, start, last, ranks, pool):

@@ -218,12 +218,15 @@ def restore_optimizer(optimizer: optim.Optimizer, model: nn.Module, arrays: dict
 
 
 class Progress:
-    """``step i/N [bar] loss x lr y z img/s`` on stderr: redrawn on a terminal, else every ``every`` steps."""
+    """``step i/N [bar] loss x lr y z img/s`` on stderr: redrawn on a terminal, else every ``every`` steps.
 
-    def __init__(self, total: int, enabled: bool = True, every: int = 10, stream=None):
+    ``bar``: redraw in place (True) or a line every ``every`` steps (False); None: on a terminal.
+    """
+
+    def __init__(self, total: int, enabled: bool = True, every: int = 10, stream=None, bar: Optional[bool] = None):
         self.total, self.enabled, self.every = total, enabled, max(1, every)
         self.stream = stream or sys.stderr
-        self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self.tty = getattr(self.stream, "isatty", lambda: False)() if bar is None else bool(bar)
         self.start = time.perf_counter()
         self.images = 0
 
