@@ -82,7 +82,7 @@ __all__ = [
     "positive_int", "unit_fraction", "error_printer", "guarded",
     "prog_name", "command_parser", "exit_status_text", "add_model_options", "add_output", "add_format",
     "add_force", "add_skip_errors", "add_progress", "add_dtype", "add_batch_size", "add_recursive",
-    "given", "option_name", "load_problem", "plural", "weights_path", "output_folder", "CreatedFiles", "refuse", "model_name", "folder_output_name", "run_command",
+    "given", "option_name", "load_problem", "load_task_model", "plural", "weights_path", "output_folder", "CreatedFiles", "refuse", "model_name", "folder_output_name", "run_command",
 ]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_RANK_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -496,6 +496,24 @@ def load_problem(error: BaseException) -> str:
     from mlx_evit.errors import HubError
 
     return f"{error} (or give --weights PATH)" if isinstance(error, HubError) else str(error)
+
+
+def load_task_model(args: argparse.Namespace, console: "Console", kind: str, default: Optional[str] = None):
+    """The model that ``-m/--model`` and ``-w/--weights`` name, for a task of ``kind`` (``"SAM"``, ...).
+
+    Through the task objects' one loader (:func:`mlx_evit.tasks.pretrained.load_for_task`); a name of
+    another kind, an unknown name, unloadable weights or a Hub failure is a :class:`UsageError`.
+    """
+    from mlx_evit.errors import HubError
+    from mlx_evit.tasks.pretrained import load_for_task
+
+    try:
+        net, _ = load_for_task(getattr(args, "model", None), kind=kind, error=UsageError, default=default,
+                               weights=getattr(args, "weights", None), dtype=getattr(args, "dtype", None),
+                               log=console.log)
+    except (HubError, ValueError) as e:
+        raise UsageError(load_problem(e)) from None
+    return net
 
 
 def plural(count: int, word: str, many: Optional[str] = None) -> str:

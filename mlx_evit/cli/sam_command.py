@@ -20,7 +20,7 @@ import numpy as np
 from mlx_evit.cli.common import unit_fraction as _fraction
 from mlx_evit.cli.common import positive_int as _positive
 from mlx_evit.cli.common import (
-    load_problem,
+    load_task_model,
     EXIT_OK,
     Console,
     CreatedFiles,
@@ -42,10 +42,12 @@ from mlx_evit.cli.common import (
     weights_path,
 )
 
+from mlx_evit.tasks.sam_predictor import DEFAULT_MODEL
+
 __all__ = ["main", "build_parser", "parse_point", "parse_box"]
 
 PROG = "python -m mlx_evit.sam"
-DEFAULT_MODEL = "efficientvit_sam_l0"
+
 # Mask colours of the overlay (RGB), cycled.
 PALETTE = np.array([[30, 144, 255], [255, 64, 64], [64, 200, 64], [255, 200, 0], [200, 64, 255],
                     [0, 220, 220], [255, 128, 0], [160, 160, 160]], np.uint8)
@@ -164,18 +166,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
 
 
 def _load_model(args: argparse.Namespace, console: Console):
-    """The SAM model ``--model``/``--weights`` name, through the task objects' one loader."""
-    from mlx_evit.errors import HubError, SamError
-    from mlx_evit.tasks.pretrained import load_for_task
-
-    try:
-        net, _ = load_for_task(args.model, kind="SAM", error=SamError, default=DEFAULT_MODEL, weights=args.weights,
-                               dtype=args.dtype, log=console.log)
-    except HubError as e:  # offline or unreachable with nothing cached: the message says what to do
-        raise UsageError(load_problem(e)) from None
-    except SamError as e:
-        raise UsageError(e) from None
-    return net
+    """The SAM model of ``--model``/``--weights`` (:func:`~mlx_evit.cli.common.load_task_model`)."""
+    return load_task_model(args, console, "SAM", DEFAULT_MODEL)
 
 
 class _Progress:

@@ -24,7 +24,8 @@ from mlx_evit.cli.common import (
     weights_path,
 )
 from mlx_evit.cli.common import positive_int as _positive
-from mlx_evit.cli.sam_command import DEFAULT_MODEL, _load_model
+from mlx_evit.cli.common import load_task_model
+from mlx_evit.tasks.sam_predictor import DEFAULT_MODEL
 
 __all__ = ["main", "build_parser"]
 
@@ -99,7 +100,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     except OSError as e:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     try:
-        net = _load_model(args, console)
+        net = load_task_model(args, console, "SAM", DEFAULT_MODEL)
         limits = Limits(max_upload_bytes=args.max_upload_mb * 2**20, max_embeddings=args.cache)
         name = getattr(net, "arch_name", None) or args.model or DEFAULT_MODEL
         server.service = SamService(net, name, limits, images_dir=args.images)
