@@ -65,7 +65,7 @@ def is_loopback(host: str) -> bool:
 
 
 def _read_static() -> dict[str, bytes]:
-    folder = resources.files("mlx_evit.webapp") / "static"
+    folder = resources.files(__package__) / "static"  # this package's static/ folder
     return {name: (folder / name).read_bytes() for name, _ in set(STATIC_FILES.values())}
 
 
