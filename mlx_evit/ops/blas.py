@@ -26,8 +26,11 @@ MLX's ``cblas_sgemm``/``cblas_dgemm``/``cblas_cgemm`` at an optimized library:
 
 When none of this works (no library, a check failed) a
 :class:`SlowBLASWarning` says so once, with the fix. Nothing happens on
-macOS (Accelerate) or with ``MLX_EVIT_BLAS=0``. :func:`info` reports the
+macOS (Accelerate) or with ``MLX_EVIT_BLAS=0``. :func:`blas_info` reports the
 outcome. Results agree with the reference BLAS to float32 round-off.
+
+The module runs past 500 lines because finding, checking and binding a BLAS (CPU core choice,
+the dynamic linker, libmlx's GOT entries, the fallbacks) is one mechanism that only works whole.
 """
 
 from __future__ import annotations
