@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from mlx_evit.errors import ConversionError, mismatch_parts, short_name
 from mlx_evit.models.keymap import KeyMap
-from mlx_evit.models.registry import get_entry, list_models, split_name
+from mlx_evit.models.registry import get_entry, list_models, registry_name, split_name
 
 __all__ = ["Match", "candidates", "layouts_of", "match", "identify_checkpoint", "verify", "config_tag", "detect_model"]
 
@@ -240,14 +240,7 @@ def looks_like(shapes: Shapes, not_arch: str) -> str:
 def config_tag(config: Optional[Mapping[str, Any]], arch: str) -> Optional[str]:
     """timm config's pretrained tag if the registry knows it for ``arch``."""
     cfg = (config or {}).get("pretrained_cfg")
-    tag = cfg.get("tag") if isinstance(cfg, dict) else None
-    if not isinstance(tag, str):
-        return None
-    try:
-        get_entry(arch).cfg(tag)
-    except ValueError:
-        return None
-    return tag
+    return registry_name(arch, cfg if isinstance(cfg, dict) else None).partition(".")[2] or None
 
 
 def detect_model(tensors: Mapping[str, Any], info: Any = None, *, candidates: Optional[Iterable[str]] = None) -> str:
