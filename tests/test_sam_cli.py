@@ -154,7 +154,7 @@ def test_cli_broken_weights_one_line(broken, tmp_path):
     mlx_evit.save_model(cls, tmp_path / "b0")
     r = run("-m", "mlx_evit.sam", str(image), "--point", "10,10", "--weights", str(tmp_path / "b0"),
             "-o", str(tmp_path / "out"))
-    assert "not an EfficientViT-SAM model" in one_line_error(r)
+    assert "holds efficientvit_b0, a classification model, not a SAM model" in one_line_error(r)
 
 
 # ---------------------------------------------------------------------------

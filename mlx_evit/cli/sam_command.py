@@ -139,7 +139,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                    help="a grid of N x N prompt points per crop")
     g.add_argument("--points-per-batch", type=_positive, default=16, metavar="N",
                    help="prompt points decoded together: the mask decoder's memory grows with N (about 1.2 GB "
-                        "at 16, 3.5 GB at 64, Meta's default), not with the image size")
+                        "at 16, 3.5 GB at 64 as in Meta's SAM), not with the image size")
     g.add_argument("--pred-iou-thresh", type=_fraction, default=0.88, metavar="T",
                    help="keep masks whose predicted IoU is at least T")
     g.add_argument("--stability-thresh", type=_fraction, default=0.95, metavar="T",
