@@ -14,7 +14,6 @@ import importlib
 import json
 import sys
 import warnings
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np

@@ -20,7 +20,7 @@ import synthetic
 from mlx_evit.models.registry import build_model, list_models
 from mlx_evit.sam import MaskDecoder, PromptEncoder
 from mlx_evit.models.sam_model import ORIGINAL_LAYOUT, resize_matrix
-from mlx_evit.tasks.sam_predictor import SamPredictor, postprocess_matrices, preprocess_image, preprocess_shape
+from mlx_evit.tasks.sam_predictor import postprocess_matrices, preprocess_shape
 from mlx_evit.models.keymap import KeyMap, load_state_dict, map_state_dict
 
 VARIANTS = {"efficientvit_sam_l0": "efficientvit-sam-l0", "efficientvit_sam_l1": "efficientvit-sam-l1",

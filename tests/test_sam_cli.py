@@ -18,7 +18,6 @@ import pytest
 from PIL import Image
 
 import mlx_evit
-import mlx.core as mx
 
 import synthetic
 from mlx_evit.models.registry import build_model

@@ -2,8 +2,6 @@
 
 import json
 import math
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
