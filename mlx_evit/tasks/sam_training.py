@@ -33,10 +33,9 @@ averaged, rank 0 writes). The output is an MLX model folder that
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -50,7 +49,7 @@ from mlx_evit.tasks.distributed import Ranks, shard_bounds
 from mlx_evit.tasks.transforms import ImageLoadError, load_image
 from mlx_evit.tasks.sam_predictor import preprocess_image
 from mlx_evit.tasks.sam_train_data import Prepared, check_and_prepare, find_instances
-from mlx_evit.tasks.training import (Progress, TrainingError, check_ranks, check_train_output, lr_schedule,
+from mlx_evit.tasks.training import (Progress, TrainConfig, TrainingError, check_ranks, check_train_output, lr_schedule,
                                      read_checkpoint, restore_optimizer, sample_rng, save_checkpoint,
                                      sync_batch_norms)
 
@@ -62,41 +61,22 @@ FOCAL_WEIGHT = 20.0  # SAM's focal : dice ratio
 
 
 @dataclass
-class SamTrainConfig:
-    """Options of :func:`train_sam` (the command's, by the same names); see the module docstring.
+class SamTrainConfig(TrainConfig):
+    """Options of :func:`train_sam` (the command's, by the same names; the shared ones are
+    :class:`~mlx_evit.tasks.training.TrainConfig`'s); see the module docstring.
 
     ``image_size``: another encoder resolution than the model's (small ones make quick experiments).
     """
 
-    data: PathLike
-    output: Optional[PathLike] = None
-    model: Optional[str] = None
-    weights: Optional[PathLike] = None
-    pretrained: bool = True
+    batch_size: int = 4
+    lr: float = 1e-4
+    schedule: str = "cosine"
     annotations: Optional[PathLike] = None
     train: str = "decoder"
-    steps: Optional[int] = None
-    epochs: Optional[int] = None
-    batch_size: int = 4
     masks_per_image: int = 4
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup: Optional[int] = None
-    schedule: str = "cosine"
-    clip: float = 1.0
     prompts: Sequence[str] = ("box", "point")
     corrections: int = 1
     image_size: Optional[int] = None
-    val: Optional[PathLike] = None
-    val_every: int = 0
-    checkpoint_every: int = 0
-    resume: Optional[PathLike] = None
-    stop_after: Optional[int] = None
-    seed: int = 0
-    force: bool = False
-    progress: bool = True
-    progress_bar: Optional[bool] = None  # redraw the bar in place (None: when stderr is a terminal)
-    log: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr, flush=True), repr=False)
 
 
 def _load_pixels(path: Path) -> np.ndarray:

@@ -30,11 +30,10 @@ continues a stopped run exactly.
 
 from __future__ import annotations
 
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -51,7 +50,7 @@ from mlx_evit.tasks.transforms import ImageLoadError
 from mlx_evit.tasks.seg_datasets import DATASETS, IGNORE, IoUMeter, get_dataset
 from mlx_evit.tasks.seg_train_data import (SegData, augment, check_pairs, default_palette, find_pairs, input_size,
                                            load_pair, read_classes)
-from mlx_evit.tasks.training import (Progress, TrainingError, check_ranks, check_train_output, lr_schedule,
+from mlx_evit.tasks.training import (Progress, TrainConfig, TrainingError, check_ranks, check_train_output, lr_schedule,
                                      read_checkpoint, restore_optimizer, sample_rng, save_checkpoint,
                                      sync_batch_norms)
 
@@ -61,42 +60,18 @@ PathLike = Union[str, Path]
 
 
 @dataclass
-class SegTrainConfig:
-    """Options of :func:`train_segmentation` (the command's, by the same names).
-
-    ``model``: registered seg architecture (``efficientvit_seg_b0_cityscapes``), its released weights
-    unless ``pretrained=False``; ``weights``: a local checkpoint or MLX folder instead. ``steps`` or
-    ``epochs`` (of the training pairs). ``image_size``: crop (height, width), multiples of 32.
-    ``resume``: a folder this function wrote (default output: that folder). ``stop_after``: save and
-    stop after that step (the schedule still ends at ``steps``), for time-boxed runs.
+class SegTrainConfig(TrainConfig):
+    """Options of :func:`train_segmentation` (the command's, by the same names; the shared ones are
+    :class:`~mlx_evit.tasks.training.TrainConfig`'s). ``image_size``: crop (height, width), multiples
+    of 32; ``classes``: a file of class names, one per line; ``scale``: the random scale range.
     """
 
-    data: PathLike
-    output: Optional[PathLike] = None
-    model: Optional[str] = None
-    weights: Optional[PathLike] = None
-    pretrained: bool = True
-    classes: Optional[PathLike] = None
-    steps: Optional[int] = None
-    epochs: Optional[int] = None
     batch_size: int = 8
-    image_size: tuple[int, int] = (512, 512)
     lr: float = 3e-4
-    weight_decay: float = 0.01
-    warmup: Optional[int] = None
     schedule: str = "poly"
-    clip: float = 1.0
+    classes: Optional[PathLike] = None
+    image_size: tuple[int, int] = (512, 512)
     scale: tuple[float, float] = (0.5, 2.0)
-    val: Optional[PathLike] = None
-    val_every: int = 0
-    checkpoint_every: int = 0
-    resume: Optional[PathLike] = None
-    stop_after: Optional[int] = None
-    seed: int = 0
-    force: bool = False
-    progress: bool = True
-    progress_bar: Optional[bool] = None  # redraw the bar in place (None: when stderr is a terminal)
-    log: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr, flush=True), repr=False)
 
 
 def _classifier_prefix(model: nn.Module) -> str:

@@ -22,8 +22,9 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -46,6 +47,43 @@ STATE_WEIGHTS = "training_state.safetensors"
 class TrainingError(ValueError):
     """Bad data, options or checkpoint; the one-line message names the file or option."""
 
+
+
+
+@dataclass
+class TrainConfig:
+    """The options every trainer takes (:class:`~mlx_evit.tasks.seg_training.SegTrainConfig` and
+    :class:`~mlx_evit.tasks.sam_training.SamTrainConfig` add their own and their defaults).
+
+    ``model``: a registered name, its released weights unless ``pretrained=False``; ``weights``: a
+    local checkpoint or MLX folder instead. ``steps`` or ``epochs``. ``resume``: a folder a trainer
+    wrote (default output: that folder). ``stop_after``: save and stop after that step (the schedule
+    still ends at ``steps``), for time-boxed runs.
+    """
+
+    data: Union[str, Path]
+    output: Optional[Union[str, Path]] = None
+    model: Optional[str] = None
+    weights: Optional[Union[str, Path]] = None
+    pretrained: bool = True
+    steps: Optional[int] = None
+    epochs: Optional[int] = None
+    batch_size: int = 8
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup: Optional[int] = None
+    schedule: str = "poly"
+    clip: float = 1.0
+    val: Optional[Union[str, Path]] = None
+    val_every: int = 0
+    checkpoint_every: int = 0
+    resume: Optional[Union[str, Path]] = None
+    stop_after: Optional[int] = None
+    seed: int = 0
+    force: bool = False
+    progress: bool = True
+    progress_bar: Optional[bool] = None  # redraw the bar in place (None: when stderr is a terminal)
+    log: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr, flush=True), repr=False)
 
 def sample_rng(seed: int, *keys: int) -> np.random.Generator:
     """The random stream of one (seed, kind, step or sample) key: the same on every rank and after a resume."""
