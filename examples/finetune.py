@@ -57,6 +57,7 @@ from mlx_evit.tasks.distributed import RankFailure, Ranks, shard_bounds
 from mlx_evit.api import pretrained_weights
 from mlx_evit.errors import HubError
 from mlx_evit.outputs import check_output_dir
+from mlx_evit.tasks.training import check_ranks
 from mlx_evit.tasks.transforms import INTERPOLATIONS, ImageLoadError, eval_transform, load_image
 from mlx_evit.models.registry import IMAGENET_MEAN, IMAGENET_STD, PREPROCESSING_KEYS, get_entry
 
@@ -339,17 +340,6 @@ def train(model: nn.Module, train_set: list[Sample], val_set: list[Sample], cfg:
         if ranks.rank == 0:
             print(f" val acc {accuracy:.3f}", file=sys.stderr, flush=True)
     return accuracy
-
-
-def check_ranks(ranks: Ranks, problem: Optional[Exception]) -> None:
-    """A synchronisation point of all ranks: re-raises this rank's ``problem``, else :class:`RankFailure`
-    if another rank reports one."""
-    try:
-        ranks.check(str(problem) if problem else None)
-    except RankFailure:
-        if problem:
-            raise problem from None
-        raise
 
 
 def average_batch_norm_statistics(model: nn.Module, ranks: Ranks) -> None:
