@@ -110,6 +110,38 @@ def test_conv2d_forms_equal_mlx_conv2d(monkeypatch, mode, kernel, stride, bias):
     np.testing.assert_allclose(np.asarray(conv(x)), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv2d_runs_in_output_chunks_on_exact_float32_cuda(monkeypatch, bias, stride):
+    """With exact float32 on CUDA (where MLX 0.32.4 crashes on wide 3x3 convolutions), layers.Conv2d runs
+    chunks of CUDA_FLOAT32_MAX_OUT output channels; the result equals the whole convolution."""
+    monkeypatch.setenv("MLX_EVIT_KERNELS", "native")
+    conv = layers.Conv2d(5, 11, 3, stride, padding=1, bias=bias)
+    monkeypatch.setattr(layers.Conv2d, "CUDA_FLOAT32_MAX_OUT", 4)
+    x = mx.array(np.random.default_rng(4).standard_normal((2, 7, 6, 5)).astype(np.float32))
+    want = np.asarray(mx.conv2d(x, conv.weight, stride=stride, padding=1) + (conv.bias if bias else 0))
+    calls = []
+    original = mx.conv2d
+    monkeypatch.setattr(mx, "conv2d", lambda *a, **k: calls.append(a[1].shape[0]) or original(*a, **k))
+    monkeypatch.setattr(layers, "exact_float32_on_cuda", lambda: True)
+    np.testing.assert_allclose(np.asarray(conv(x)), want, rtol=1e-5, atol=1e-5)
+    assert calls == [4, 4, 3]
+    calls.clear()
+    monkeypatch.setattr(layers, "exact_float32_on_cuda", lambda: False)
+    np.testing.assert_allclose(np.asarray(conv(x)), want, rtol=1e-5, atol=1e-5)
+    assert calls == [11]
+
+
+def test_exact_float32_on_cuda_needs_a_non_metal_gpu_with_tf32_off(monkeypatch):
+    monkeypatch.setenv("MLX_ENABLE_TF32", "0")
+    monkeypatch.setattr(backend, "default_device_is_gpu", lambda: False)
+    assert not backend.exact_float32_on_cuda()
+    monkeypatch.setattr(backend, "default_device_is_gpu", lambda: True)
+    assert backend.exact_float32_on_cuda() is (not mx.metal.is_available())
+    monkeypatch.delenv("MLX_ENABLE_TF32")
+    assert not backend.exact_float32_on_cuda()
+
+
 # ---------------------------------------------------------------------------
 # Resize matrices (torch's rule) in ops.resampling
 # ---------------------------------------------------------------------------
@@ -179,12 +211,52 @@ def test_cpu_parity_tests_keep_their_tolerance():
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_transposed_conv_gemm_equals_mlx_conv_transpose(monkeypatch, mode):
+def test_transposed_conv_2x2_equals_a_float64_reference(monkeypatch, mode):
+    """ConvTranspose2x2 (GEMM + pixel shuffle on the CPU, the built-in natively): each input pixel writes
+    its own 2x2 output block, y[2i+u, 2j+v] = W[:, u, v, :] @ x[i, j] + b."""
     from mlx_evit.models.sam_decoder import ConvTranspose2x2
 
     monkeypatch.setenv("MLX_EVIT_KERNELS", mode)
     up = ConvTranspose2x2(12, 5)
     up.bias = mx.array(np.random.default_rng(5).standard_normal(5).astype(np.float32))
-    x = mx.array(np.random.default_rng(6).standard_normal((2, 3, 4, 12)).astype(np.float32))
-    want = mx.conv_transpose2d(x, up.weight, stride=2) + up.bias
-    np.testing.assert_allclose(np.asarray(up(x)), np.asarray(want), rtol=1e-5, atol=1e-5)
+    x = np.random.default_rng(6).standard_normal((2, 3, 4, 12)).astype(np.float32)
+    w, b = np.asarray(up.weight).astype(np.float64), np.asarray(up.bias).astype(np.float64)
+    want = np.zeros((2, 6, 8, 5))
+    for u in range(2):
+        for v in range(2):
+            want[:, u::2, v::2] = x.astype(np.float64) @ w[:, u, v, :].T + b
+    np.testing.assert_allclose(np.asarray(up(mx.array(x))), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sam_attention_core_equals_a_float64_reference(monkeypatch, mode):
+    """attention_core broadcasts a batch-1 image over many prompts; equal to softmax(q k^T / sqrt(d)) v."""
+    from mlx_evit.models.sam_decoder import attention_core
+
+    monkeypatch.setenv("MLX_EVIT_KERNELS", mode)
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((3, 2, 9, 8)).astype(np.float32)
+    k, v = (rng.standard_normal((1, 2, 5, 8)).astype(np.float32) for _ in range(2))
+    s = q.astype(np.float64) @ k.astype(np.float64).swapaxes(-1, -2) / np.sqrt(8)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    want = (p / p.sum(-1, keepdims=True)) @ v.astype(np.float64)
+    got = attention_core(mx.array(q), mx.array(k), mx.array(v))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+def test_seg_blocks_run_whole_on_a_gpu_and_in_bands_on_the_cpu(monkeypatch):
+    """run_banded takes the device's limit: the CPU's small bands, the GPU's memory bound; same result."""
+    from mlx_evit.models import mit, seg_model
+
+    block = mit.MBConv(8, 8, 1, 4, layers.relu, 1e-5).eval()
+    x = mx.array(np.random.default_rng(5).standard_normal((1, 64, 16, 8)).astype(np.float32))
+    whole = np.asarray(block(x))
+    calls = []
+    original = mit.MBConv.__call__
+    monkeypatch.setattr(mit.MBConv, "__call__", lambda self, t: calls.append(t.shape[1]) or original(self, t))
+    monkeypatch.setattr(seg_model, "BAND_ELEMENTS", 16 * 32 * 16)
+    for gpu, bands in ((False, 4), (True, 1)):
+        calls.clear()
+        monkeypatch.setattr(seg_model, "default_device_is_gpu", lambda gpu=gpu: gpu)
+        np.testing.assert_allclose(np.asarray(seg_model.run_banded(block, x)), whole, rtol=1e-6, atol=1e-6)
+        assert len(calls) == bands, (gpu, calls)

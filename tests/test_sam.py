@@ -17,6 +17,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 import synthetic
+from precision import tol
 from mlx_evit.models.registry import build_model, list_models
 from mlx_evit.sam import MaskDecoder, PromptEncoder
 from mlx_evit.models.sam_model import ORIGINAL_LAYOUT, resize_matrix
@@ -134,20 +135,20 @@ def test_decoder_l0_fixture(decoder_parts):
     mask_in = synthetic.synthetic_normal("input/sam_decoder_l0/mask_input", (1, 1, 256, 256))
     assert synthetic.crc32(emb) == f["embedding_crc32"] and synthetic.crc32(mask_in) == f["mask_input_crc32"]
     dense_pe = pe.dense_pe()
-    assert rel(nchw(dense_pe)[..., ::3, ::3], f["dense_pe_s3"]) <= 1e-5
+    assert rel(nchw(dense_pe)[..., ::3, ::3], f["dense_pe_s3"]) <= tol(1e-5)
     for case, multimask in (("points_multi", True), ("point_box_mask_single", False)):
         points = (mx.array(f[f"{case}_points"][None]), mx.array(f[f"{case}_labels"][None]))
         box = mx.array(f[f"{case}_box"][None]) if f"{case}_box" in f else None
         masks = mx.array(synthetic.nhwc(mask_in)) if "mask" in case else None
         sparse, dense = pe(points, box, masks)
         assert sparse.shape == (1, 3, 256)
-        assert rel(sparse, f[f"{case}_sparse"]) <= 1e-5, case
+        assert rel(sparse, f[f"{case}_sparse"]) <= tol(1e-5), case
         if masks is not None:
-            assert rel(nchw(dense)[..., ::6, ::6], f[f"{case}_dense_s6"]) <= 1e-5
+            assert rel(nchw(dense)[..., ::6, ::6], f[f"{case}_dense_s6"]) <= tol(1e-5)
         low, iou = md(mx.array(synthetic.nhwc(emb)), dense_pe, sparse, dense, multimask)
         assert low.shape == f[f"{case}_lowres"].shape
-        assert rel(low, f[f"{case}_lowres"]) <= 1e-5, case
-        assert np.abs(np.asarray(iou) - f[f"{case}_iou"]).max() <= 1e-5, case
+        assert rel(low, f[f"{case}_lowres"]) <= tol(1e-5), case
+        assert np.abs(np.asarray(iou) - f[f"{case}_iou"]).max() <= tol(1e-5), case
 
 
 @pytest.mark.parity

@@ -15,6 +15,7 @@ from PIL import Image
 import mlx.core as mx
 
 import synthetic
+from precision import tol
 from mlx_evit.models.registry import build_model
 from mlx_evit.sam import SamPredictor
 from mlx_evit.tasks.sam_predictor import preprocess_image
@@ -39,8 +40,8 @@ def check_outputs(ours, ref, what: str, iou_tol: float = 1e-5):
     (m, iou, low), (m_ref, iou_ref, low_ref) = ours, ref
     assert m.shape == m_ref.shape and m.dtype == np.bool_, what
     assert low.shape == low_ref.shape and iou.shape == iou_ref.shape, what
-    assert np.abs(iou - iou_ref).max() <= iou_tol, what
-    assert rel(low, low_ref) <= 1e-5, what
+    assert np.abs(iou - iou_ref).max() <= tol(iou_tol), what
+    assert rel(low, low_ref) <= tol(1e-5), what
     assert (m != m_ref).mean() <= 1e-3, what
 
 
@@ -77,8 +78,8 @@ def test_l0_preprocessing_fixture():
     resized, x = preprocess_image(image, 512)
     np.testing.assert_array_equal(resized, f["resized_uint8"])
     assert x.shape == (512, 512, 3)
-    assert abs(x.astype(np.float64).sum() / f["preprocessed_sum"] - 1) <= 1e-5
-    assert abs(np.abs(x).astype(np.float64).sum() / f["preprocessed_abssum"] - 1) <= 1e-5
+    assert abs(x.astype(np.float64).sum() / f["preprocessed_sum"] - 1) <= tol(1e-5)
+    assert abs(np.abs(x).astype(np.float64).sum() / f["preprocessed_abssum"] - 1) <= tol(1e-5)
 
 
 @pytest.mark.parity
@@ -86,13 +87,13 @@ def test_l0_preprocessing_fixture():
 def test_l0_predictor_fixture(l0_predictor):
     predictor, _, f = l0_predictor
     assert predictor.input_size == tuple(f["input_size"]) and predictor.original_size == (480, 640)
-    assert rel(nchw(predictor.get_image_embedding())[..., ::3, ::3], f["embedding_s3"]) <= 1e-5
+    assert rel(nchw(predictor.get_image_embedding())[..., ::3, ::3], f["embedding_s3"]) <= tol(1e-5)
     for case, kwargs in L0_CASES.items():
         out = predictor.predict(**kwargs(f))
         check_outputs(out, (f[f"{case}_mask"], f[f"{case}_iou"], f[f"{case}_lowres"]), case)
     logits, _, _ = predictor.predict(**L0_CASES["p1_multi"](f), return_logits=True)
     assert logits.dtype == np.float32 and logits.shape == (3, 480, 640)
-    assert rel(logits[:, ::4, ::4], f["p1_multi_logits_s4"]) <= 1e-5
+    assert rel(logits[:, ::4, ::4], f["p1_multi_logits_s4"]) <= tol(1e-5)
 
 
 @pytest.mark.slow
@@ -106,12 +107,12 @@ def test_l0_image_formats_and_batch(l0_predictor):
     for i, box in enumerate(boxes):
         m1, i1, l1 = predictor.predict(box=box)
         np.testing.assert_allclose(i1, iou[i], atol=1e-5)
-        assert rel(l1, low[i]) <= 1e-5 and (m1 != masks[i]).mean() <= 1e-4
+        assert rel(l1, low[i]) <= tol(1e-5) and (m1 != masks[i]).mean() <= 1e-4
     other = SamPredictor(predictor.model)  # same (already fused) model
     other.set_image(np.ascontiguousarray(image[..., ::-1]), image_format="BGR")
-    assert rel(other.get_image_embedding(), emb) <= 1e-6
+    assert rel(other.get_image_embedding(), emb) <= tol(1e-6)
     other.set_image(Image.fromarray(image))
-    assert rel(other.get_image_embedding(), emb) <= 1e-6
+    assert rel(other.get_image_embedding(), emb) <= tol(1e-6)
     other.reset_image()
     with pytest.raises(RuntimeError, match="set_image"):
         other.predict(box=boxes[0])
@@ -156,9 +157,9 @@ def test_xl0_encoder_fixture():
     assert synthetic.crc32(x) == f["input_crc32"]
     emb = np.asarray(encoder(mx.array(synthetic.nhwc(x))))
     assert emb.shape == (1, 64, 64, 256)
-    assert rel(nchw(emb)[..., ::3, ::3], f["embedding_s3"]) <= 1e-5
-    assert abs(emb.astype(np.float64).sum() / f["embedding_sum"] - 1) <= 1e-5
-    assert abs(np.abs(emb).astype(np.float64).sum() / f["embedding_abssum"] - 1) <= 1e-5
+    assert rel(nchw(emb)[..., ::3, ::3], f["embedding_s3"]) <= tol(1e-5)
+    assert abs(emb.astype(np.float64).sum() / f["embedding_sum"] - 1) <= tol(1e-5)
+    assert abs(np.abs(emb).astype(np.float64).sum() / f["embedding_abssum"] - 1) <= tol(1e-5)
 
 
 # ---------------------------------------------------------------------------
@@ -202,7 +203,7 @@ def test_live_against_upstream(variant):
     ref.set_image(image)
     ours.set_image(image)
     assert ours.input_size == tuple(ref.input_size) and ours.original_size == tuple(ref.original_size)
-    assert rel(nchw(ours.get_image_embedding()), ref.features.numpy()) <= 1e-5
+    assert rel(nchw(ours.get_image_embedding()), ref.features.numpy()) <= tol(1e-5)
 
     pts = np.array([[0.3 * w, 0.6 * h], [0.8 * w, 0.2 * h], [0.5 * w, 0.5 * h]])
     box = np.array([0.1 * w, 0.2 * h, 0.7 * w, 0.9 * h])
@@ -239,5 +240,5 @@ def test_compiled_equals_eager():
         results.append((np.asarray(p.get_image_embedding()),
                         p.predict(point_coords=[[30, 40], [100, 60]], point_labels=[1, 0], box=[5, 5, 120, 80])))
     (e0, out0), (e1, out1) = results
-    assert rel(e1, e0) <= 1e-5
+    assert rel(e1, e0) <= tol(1e-5)
     check_outputs(out1, out0, "compiled vs eager")

@@ -12,6 +12,7 @@ import mlx.core as mx
 
 import mlx_evit
 import synthetic
+from precision import tol
 from mlx_evit.cli.convert_command import main as convert_main
 
 FIXTURE = "seg_b0_city_128x128"
@@ -46,7 +47,7 @@ def fixture_logits(model) -> tuple[np.ndarray, np.ndarray]:
 
 def assert_fixture(model):
     got, ref = fixture_logits(model)
-    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    assert np.abs(got - ref).max() <= tol(1e-5) * np.abs(ref).max()
 
 
 @pytest.mark.parity

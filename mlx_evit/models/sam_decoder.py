@@ -55,14 +55,14 @@ class ConvTranspose2x2(nn.Module):
 
     Weight ``(O, 2, 2, I)`` (``nn.ConvTranspose2d`` layout); PyTorch stores
     ``(I, O, 2, 2)``, converted by :meth:`torch_to_mlx`. The taps do not
-    overlap, so on every device it runs as one GEMM ``(B H W, I) @ (I, 4 O)``
-    followed by a pixel shuffle. ``mx.conv_transpose2d`` computes it as a
-    convolution over the zero-dilated input (4x the multiply-adds): on this
-    x86 CPU 4.5 s against 56 ms for the GEMM at 1x64x64x256 -> 64
-    (``gpu_bench.py --device cpu --quick``, ops "convT 2x2 s2"). On the GPU
-    the choice rests on the same count and on the H200's 1x1 convolutions
-    (GEMM 0.79 ms against ``mx.conv2d`` 1.25 ms), not on a measurement of
-    this op; the benchmark's op table measures it.
+    overlap, so the CPU path runs it as one GEMM ``(B H W, I) @ (I, 4 O)``
+    followed by a pixel shuffle: MLX's CPU ``mx.conv_transpose2d`` convolves
+    the zero-dilated input (4x the multiply-adds), 4.5 s against 56 ms for
+    the GEMM at 1x64x64x256 -> 64 on this x86 CPU (``gpu_bench.py --device
+    cpu --quick``, ops "convT 2x2 s2"). The native path keeps the built-in:
+    on an H200 (MLX CUDA, TF32) it takes 0.11 ms against 0.14 ms for the GEMM
+    and shuffle at the same shape (``gpu_bench.py`` op table). Apple GPU: not
+    measured.
     """
 
     def __init__(self, in_channels: int, out_channels: int):
@@ -72,6 +72,8 @@ class ConvTranspose2x2(nn.Module):
         self.bias = mx.zeros((out_channels,))
 
     def __call__(self, x: mx.array) -> mx.array:
+        if use_native():
+            return mx.conv_transpose2d(x, self.weight, stride=2) + self.bias
         B, H, W, C = x.shape
         O = self.weight.shape[0]
         w = self.weight.transpose(3, 1, 2, 0).reshape(C, 4 * O)  # (I, (u, v, O))
@@ -102,14 +104,22 @@ class MLP(nn.Module):
 
 
 def attention_core(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-    """Softmax attention in float32: ``(B, h, Nq, d), (B, h, Nk, d), (B, h, Nk, d) -> (B, h, Nq, d)``."""
+    """Softmax attention in float32: ``(B, h, Nq, d), (B, h, Nk, d), (B, h, Nk, d) -> (B, h, Nq, d)``.
+
+    Written out as two GEMMs around a softmax on every device; batch
+    dimensions broadcast inside the GEMMs (the predictor attends many
+    prompts to one image). On an H200 (MLX CUDA, TF32) this form takes
+    0.28 ms against 0.37 ms for ``mx.fast.scaled_dot_product_attention``
+    (which needs the broadcast batch copied) at the decoder's image-to-token
+    shape 4x8x4096x16 with 7 keys (``gpu_bench.py`` op table, "sam
+    image->token attn"). Native: MLX's softmax; CPU path: this package's
+    exact exp (:func:`mlx_evit.ops.layers.softmax`).
+    """
     q, k, v = (t.astype(mx.float32) for t in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1])
-    if use_native():
-        B = max(q.shape[0], k.shape[0])
-        q, k, v = (mx.broadcast_to(t, (B,) + t.shape[1:]) for t in (q, k, v))
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-    return L.softmax((q * scale) @ k.swapaxes(-1, -2), axis=-1) @ v
+    scores = (q * scale) @ k.swapaxes(-1, -2)
+    weights = mx.softmax(scores, axis=-1) if use_native() else L.softmax(scores, axis=-1)
+    return weights @ v
 
 
 # ---------------------------------------------------------------------------

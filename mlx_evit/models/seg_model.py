@@ -37,6 +37,7 @@ from typing import Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_evit.ops.backend import default_device_is_gpu
 from mlx_evit.ops.layers import ConvNorm, check_image_input, fuse_modules, get_act
 from mlx_evit.models.mit import (ORIGINAL_LARGE_LAYOUT, ORIGINAL_LAYOUT, DSConv, FusedMBConv, MBConv, MitEfficientViT, ResBlock,
                   Residual, Stem)
@@ -72,7 +73,17 @@ pass over it goes to main memory. Bands of output rows (with the halo rows
 their 3x3 convolutions need) keep the working set small: seg-B1 at
 1024x2048 peaks at about half the memory (612 -> 343 MB of MLX arrays),
 and the result is bit-identical.
+
+On a GPU the bands cost more than they save: every band is a launch of
+each of the block's kernels on a sliver of the map (seg-L2 at 1024x2048
+ran its FusedMBConv stages on 8-row bands, 32 per block; H200, MLX CUDA,
+``benchmarks/gpu_diag.py`` "bands" gives the time with and without). There
+the limit is :data:`BAND_ELEMENTS_GPU`, which only bounds memory for
+inputs far larger than the models' sizes.
 """
+
+BAND_ELEMENTS_GPU = 1 << 28
+"""The GPU's limit (1 GiB in float32): 1024x2048 runs whole, a hostile 16k x 16k input still in bands."""
 
 
 def _geometry(block: nn.Module) -> Optional[tuple[int, int, int]]:
@@ -94,7 +105,7 @@ def _geometry(block: nn.Module) -> Optional[tuple[int, int, int]]:
 
 def run_banded(block: nn.Module, x: mx.array, max_elements: Optional[int] = None) -> mx.array:
     """``block(x)`` computed in bands of output rows when its widest intermediate exceeds ``max_elements``
-    (default :data:`BAND_ELEMENTS`).
+    (default :data:`BAND_ELEMENTS`, on a GPU :data:`BAND_ELEMENTS_GPU`).
 
     Exact: each band reads the input rows it needs plus the halo of the
     block's 3x3 convolutions (bands start on a stride boundary) and keeps
@@ -106,7 +117,8 @@ def run_banded(block: nn.Module, x: mx.array, max_elements: Optional[int] = None
     if geometry is None:
         return block(x)
     stride, halo, width = geometry
-    max_elements = BAND_ELEMENTS if max_elements is None else max_elements
+    if max_elements is None:
+        max_elements = BAND_ELEMENTS_GPU if default_device_is_gpu() else BAND_ELEMENTS
     Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
     rows = max(8, max_elements // max(1, B * width * max(W, Wo)))
     if rows >= Ho:

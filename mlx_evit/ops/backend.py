@@ -24,7 +24,7 @@ from typing import Optional
 import mlx.core as mx
 
 __all__ = ["ENV_VAR", "MODES", "TF32_ENV_VAR", "kernels_mode", "use_native", "default_device_is_gpu",
-           "tf32_requested", "float32_is_tf32"]
+           "tf32_requested", "float32_is_tf32", "exact_float32_on_cuda"]
 
 ENV_VAR = "MLX_EVIT_KERNELS"
 MODES = ("auto", "native", "cpu")
@@ -81,3 +81,13 @@ def float32_is_tf32() -> bool:
     exact float32. Tests use this to pick their float32 or TF32 tolerance.
     """
     return default_device_is_gpu() and tf32_requested(os.environ.get(TF32_ENV_VAR))
+
+
+def exact_float32_on_cuda() -> bool:
+    """True on MLX's CUDA backend with TF32 switched off (``MLX_ENABLE_TF32=0``): exact float32 convolutions.
+
+    In this mode MLX 0.32.4 crashes (an illegal memory access, a segfault
+    of the process) on some dense 3x3 convolutions that its TF32 mode runs
+    fine; :class:`mlx_evit.ops.layers.Conv2d` avoids them.
+    """
+    return default_device_is_gpu() and not mx.metal.is_available() and not float32_is_tf32()

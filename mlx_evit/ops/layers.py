@@ -25,7 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_evit.ops import cpu_kernels
-from mlx_evit.ops.backend import use_native
+from mlx_evit.ops.backend import exact_float32_on_cuda, use_native
 
 Activation = Optional[Callable[[mx.array], mx.array]]
 
@@ -203,6 +203,12 @@ class Conv2d(nn.Conv2d):
     """
 
     IM2COL_MAX_CHANNELS = 64 * 128  # measured crossover of in * out channels on x86
+    # MLX 0.32.4's CUDA backend with TF32 off segfaults (illegal memory access) on the 3x3 convolution
+    # 1x64x64x256 -> 1024 of EfficientViT-SAM XL's neck (also at batch 2), and runs 64x64x256 -> 512,
+    # 64x64x128 -> 1024, 32x32x256 -> 1024 and the same conv split in two halves of 512 output channels
+    # (H200, benchmarks/gpu_diag.py "crash"; reproducer: benchmarks/xl_crash_repro.py). In that mode
+    # wider convolutions run in chunks of this many output channels: the same sums per output, exact.
+    CUDA_FLOAT32_MAX_OUT = 512
 
     def __call__(self, x: mx.array) -> mx.array:
         O, kh, kw, C = self.weight.shape
@@ -217,8 +223,17 @@ class Conv2d(nn.Conv2d):
             y = mx.addmm(self.bias, y, w) if "bias" in self else y @ w
             return y.reshape(*x.shape[:-1], O)
         if use_native() or C * O > self.IM2COL_MAX_CHANNELS:
+            step = self.CUDA_FLOAT32_MAX_OUT
+            if O > step and x.dtype == mx.float32 and exact_float32_on_cuda():
+                return mx.concatenate([self._chunk(x, lo, min(O, lo + step)) for lo in range(0, O, step)], axis=-1)
             return super().__call__(x)
         return cpu_kernels.im2col_conv2d(x, self.weight, self.get("bias"), self.stride, self.padding)
+
+
+    def _chunk(self, x: mx.array, lo: int, hi: int) -> mx.array:
+        """Output channels ``lo:hi`` of the convolution."""
+        y = mx.conv2d(x, self.weight[lo:hi], self.stride, self.padding, self.dilation)
+        return y + self.bias[lo:hi] if "bias" in self else y
 
 
 class GroupedPointwise(nn.Module):
