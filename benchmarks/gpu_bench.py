@@ -238,6 +238,7 @@ def run_cls(sides: Sides, quick: bool) -> list[dict]:
     res = 128 if quick else 224
     rows = []
     for name in ("efficientvit_b1", "efficientvit_l1", "efficientvit_m4"):
+        mx.clear_cache()
         tm = _timm_model(name, res)
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "w.safetensors")
@@ -509,6 +510,7 @@ def main(argv=None) -> int:
             os.replace(tmp, args.json)
 
     for case in cases:  # the JSON is rewritten after each case, so a run cut short keeps what it measured
+        mx.clear_cache()  # each case starts from an empty MLX buffer cache
         try:
             rows += {"ops": run_ops, "cls": run_cls, "seg": run_seg, "sam": run_sam}[case](sides, args.quick)
         except Exception as exc:  # one broken case does not lose the others' rows
