@@ -70,7 +70,7 @@ MLX_EVIT_KERNELS=native timeout "$ptime" python3 -m pytest -m parity -p no:cache
   > "$out/parity_native_gpu_tf32.log" 2>&1 &
 p1=$!
 MLX_ENABLE_TF32=0 MLX_EVIT_KERNELS=native timeout "$ptime" python3 -m pytest -m parity -p no:cacheprovider \
-  -n 4 -v --tb=short -k "not xl" > "$out/parity_native_gpu_fp32.log" 2>&1 &
+  -n 4 -v --tb=short > "$out/parity_native_gpu_fp32.log" 2>&1 &
 p2=$!
 MLX_ENABLE_TF32=0 timeout "$ptime" python3 benchmarks/xl_bisect.py --variants xl1,xl0 --kernels native \
   --timeout 60 --json "$out/xl_bisect.json" > "$out/xl_bisect.log" 2>&1 &
@@ -88,4 +88,5 @@ timeout "$(left 5)" python3 benchmarks/gpu_profile.py --json "$out/gpu_profile.j
 tail -60 "$out/gpu_profile.log"
 
 echo "parity (TF32) exit $parity, parity (MLX_ENABLE_TF32=0) exit $exact, benchmark exit $bench, $((SECONDS - t0)) s"
-[ "$parity" = 0 ] && [ "$exact" = 0 ] && [ "$bench" = 0 ]
+# The gate is exact float32 (README "Float32 on CUDA"); the TF32 run is reported beside it.
+[ "$exact" = 0 ] && [ "$bench" = 0 ]
