@@ -14,7 +14,9 @@ the change is faster).
 Cases: ``op`` LiteMLA (B1 stage 3 and 4 shapes at batch 8, SAM-L stage 4
 at 1x32x32x512), compiled; ``model``: efficientvit_b1 and _m4 at 224,
 batch 1 and 4, and efficientvit_l1 at batch 1, through
-``mlx_evit.tasks.inference.prepare`` (fused, compiled, one stream).
+``mlx_evit.tasks.inference.prepare`` (fused, compiled, one stream), and
+seg-B1 at 512x1024 the same way; ``sam``: SAM-L0's image encoder at 512
+(fused, compiled).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ CASES = (
     ("model", "efficientvit_m4", (1, 224, 224, 3), None),
     ("model", "efficientvit_m4", (4, 224, 224, 3), None),
     ("model", "efficientvit_l1", (1, 224, 224, 3), None),
+    ("model", "efficientvit_seg_b1_cityscapes", (1, 512, 1024, 3), None),
+    ("sam", "efficientvit_sam_l0", (1, 512, 512, 3), None),
 )
 
 
@@ -57,6 +61,13 @@ def worker(kind: str, name: str, shape: tuple, dim, repeats: int) -> float:
         layer.eval()
         mx.eval(layer.parameters())
         fn = mx.compile(layer)
+    elif kind == "sam":  # the image encoder, BatchNorm folded, compiled (what SamPredictor.set_image runs)
+        from mlx_evit.models.registry import build_model
+
+        model = build_model(name).eval()
+        model.fuse()
+        mx.eval(model.parameters())
+        fn = mx.compile(model.image_encoder)
     else:
         from mlx_evit.models.registry import build_model
         from mlx_evit.tasks.inference import prepare
