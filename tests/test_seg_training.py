@@ -4,14 +4,16 @@ A random seg-B0 at 64x64 crops keeps every run short. Checked: training
 raises the validation mIoU far above the untrained model's and the output
 loads in :class:`Segmenter` and ``--eval`` with its classes and palette;
 ``--resume`` after a stop reaches the weights of an uninterrupted run; two
-ranks (ring backend on 127.0.0.1) reach the weights of one process with the
-same global batch; bad data stops the run with one line before any step.
+ranks (ring backend on 127.0.0.1) give the gradients and SGD weights of one
+process with the same global batch to float32 round-off (AdamW: loosely, it
+amplifies round-off); bad data stops the run with one line before any step.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -179,33 +181,64 @@ def test_an_existing_output_needs_force(data, tmp_path, capsys):
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
 
 
-@pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not installed beside this Python")
-def test_two_ranks_reach_the_weights_of_one_process(data, tmp_path):
+def _one_and_two_ranks(data: Path, out: Path, optimizer: str, steps: int) -> tuple[dict, dict]:
+    """The weights after ``steps`` from one process and from 2 ranks (ring backend) at the same global batch."""
     from tests.test_distributed import free_ports  # noqa: PLC0415 (shared helper)
 
     common = [sys.executable, "-m", "mlx_evit.segment", "train", str(data / "train"), "--model", MODEL,
-              "--no-pretrained", "--classes", str(data / "classes.txt"), "--steps", "3", "--batch-size", "4",
-              "--image-size", "64", "--lr", "3e-3", "--warmup", "1", "--quiet"]
-    one = subprocess.run(common + ["--output", str(tmp_path / "one")], cwd=ROOT, capture_output=True, text=True,
+              "--no-pretrained", "--classes", str(data / "classes.txt"), "--steps", str(steps), "--batch-size", "4",
+              "--image-size", "64", "--lr", "3e-3", "--warmup", "1", "--optimizer", optimizer, "--quiet"]
+    one = subprocess.run(common + ["--output", str(out / "one")], cwd=ROOT, capture_output=True, text=True,
                          timeout=240, stdin=subprocess.DEVNULL)
     assert one.returncode == 0, one.stderr
     launch = [str(LAUNCH), "--backend", "ring", "-n", "2", "--starting-port", str(free_ports(2))]
-    two = subprocess.run(launch + common + ["--output", str(tmp_path / "two")], cwd=ROOT, capture_output=True,
+    two = subprocess.run(launch + common + ["--output", str(out / "two")], cwd=ROOT, capture_output=True,
                          text=True, timeout=240, stdin=subprocess.DEVNULL)
     assert two.returncode == 0 and "[WARN] Node with rank" not in two.stderr, two.stderr
     assert "on 1 rank" in one.stdout and two.stdout.count("on 2 ranks") == 1
-    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
-    diff = np.concatenate([np.abs(a[k] - b[k]).ravel() for k in a])
-    worst = float(diff.max())
-    # Measured: max 0.011, median 9e-6 after 3 AdamW steps at lr 3e-3 (the per-rank statistics of a random
-    # model's 2x2 stride-32 maps are ill-conditioned; the CPU/native kernel paths differ by max 1e-3, median
-    # 1e-7). Without the gradient of the synchronised statistics (MLX's all_sum passes the cotangent
-    # through unchanged) the weights differ by 0.78.
-    assert worst < 0.05 and float(np.median(diff)) < 1e-4, (worst, float(np.median(diff)))
+    return _weights(out / "one"), _weights(out / "two")
+
+
+def _updates(a: dict, b: dict) -> tuple[float, float]:
+    """(||update_a - update_b|| / ||update_a||, largest |update_a|) over the trained parameters (the update: the
+    change from the random start both runs share)."""
     mx.random.seed(0)
     start = {k: np.array(v) for k, v in tree_flatten(mlx_evit.create_model(MODEL, num_classes=4).parameters())}
-    moved = max(float(np.abs(a[k] - start[k]).max()) for k in a if "running" not in k)
-    assert moved > 50 * float(np.median(diff)) and moved > 0.05, (moved, worst)
+    trained = [k for k in a if "running" not in k]
+    gap = math.sqrt(sum(float(np.square(a[k] - b[k]).sum()) for k in trained))
+    size = math.sqrt(sum(float(np.square(a[k] - start[k]).sum()) for k in trained))
+    return gap / size, max(float(np.abs(a[k] - start[k]).max()) for k in trained)
+
+
+@pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not installed beside this Python")
+def test_two_ranks_give_the_gradients_and_sgd_weights_of_one_process(data, tmp_path):
+    """SGD's update is linear in the gradient, so it shows the gradients themselves: after one step the
+    update (-lr x clipped gradient, plus the shared weight decay) of 2 ranks is that of one process to
+    float32 round-off (measured 2.5e-8 relative), and after 3 steps so are the weights (measured max
+    1.8e-7). A gradient or loss that were a mean of per-rank means, or BatchNorm statistics that were
+    per rank, would differ in the first digits."""
+    a, b = _one_and_two_ranks(data, tmp_path / "sgd1", "sgd", 1)
+    relative, moved = _updates(a, b)
+    assert relative < 1e-5 and moved > 1e-3, (relative, moved)
+    a, b = _one_and_two_ranks(data, tmp_path / "sgd3", "sgd", 3)
+    relative, moved = _updates(a, b)
+    assert relative < 1e-4 and moved > 1e-3, (relative, moved)
+    for k in a:  # the running statistics too: they are the global batch's
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not installed beside this Python")
+def test_two_ranks_reach_the_adamw_weights_of_one_process_up_to_its_amplified_round_off(data, tmp_path):
+    """AdamW divides each gradient element by its running RMS. Some gradients are zero but for round-off
+    (a per-channel shift that the next convolution and BatchNorm remove), and there the quotient of two round-off values
+    is an update of about lr whose sign differs between the runs: measured after 3 steps at lr 3e-3
+    relative gap 1.1e-2 of the update, max 0.012, median 3e-5, while SGD on the same runs stays at 1e-6
+    (the test above). So AdamW is checked loosely here, and the gradients through SGD."""
+    a, b = _one_and_two_ranks(data, tmp_path, "adamw", 3)
+    diff = np.concatenate([np.abs(a[k] - b[k]).ravel() for k in a])
+    relative, moved = _updates(a, b)
+    assert float(diff.max()) < 0.05 and float(np.median(diff)) < 1e-4, (float(diff.max()), float(np.median(diff)))
+    assert relative < 0.05 and moved > 0.05, (relative, moved)
 
 
 def test_segmenter_reads_a_finetuned_folders_classes_and_palette(tmp_path):

@@ -68,7 +68,9 @@ def add_schedule_and_run(p: argparse.ArgumentParser, *, lr: float, warmup: str, 
     """The optimizer and schedule (``schedules[0]`` the default), validation, checkpoints, resume, seed,
     ``-f`` and progress."""
     p.add_argument("--lr", type=nonnegative_float, default=lr, help="peak learning rate")
-    p.add_argument("--weight-decay", type=nonnegative_float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                   help="AdamW, or SGD with momentum 0.9 (default: adamw)")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=0.01, help="weight decay")
     p.add_argument("--warmup", type=int, metavar="STEPS", help=f"linear warm-up steps (default: {warmup})")
     p.add_argument("--schedule", choices=tuple(schedules), default=schedules[0], help="decay after warm-up")
     p.add_argument("--clip", type=nonnegative_float, default=1.0, help="gradient norm clip, 0 = off")
@@ -113,7 +115,8 @@ def train_and_report(args: argparse.Namespace, console: Console, trainer, config
     config = config_type(
         data=Path(args.data), output=args.output, model=args.model, weights=args.weights,
         pretrained=not args.no_pretrained, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, schedule=args.schedule, clip=args.clip,
+        lr=args.lr, optimizer=args.optimizer,
+        weight_decay=args.weight_decay, warmup=args.warmup, schedule=args.schedule, clip=args.clip,
         val=args.val, val_every=args.val_every, checkpoint_every=args.checkpoint_every, resume=args.resume,
         stop_after=args.stop_after, seed=args.seed, force=args.force, progress=not args.quiet,
         progress_bar=console.show_progress(), log=console.log, **options)

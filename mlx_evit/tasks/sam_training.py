@@ -49,7 +49,7 @@ from mlx_evit.tasks.distributed import Ranks, shard_bounds
 from mlx_evit.tasks.transforms import ImageLoadError, load_image
 from mlx_evit.tasks.sam_predictor import preprocess_image
 from mlx_evit.tasks.sam_train_data import Prepared, check_and_prepare, find_instances
-from mlx_evit.tasks.training import (Progress, TrainConfig, TrainingError, check_ranks, check_train_output, lr_schedule,
+from mlx_evit.tasks.training import (Progress, TrainConfig, TrainingError, check_ranks, check_train_output, make_optimizer,
                                      read_checkpoint, restore_optimizer, sample_rng, save_checkpoint,
                                      sync_batch_norms)
 
@@ -58,6 +58,7 @@ __all__ = ["SamTrainConfig", "train_sam", "validation_iou", "TRAIN_CHOICES"]
 TRAIN_CHOICES = ("decoder", "encoder", "all")
 PathLike = Union[str, Path]
 FOCAL_WEIGHT = 20.0  # SAM's focal : dice ratio
+FOCAL_ALPHA = 0.25
 
 
 @dataclass
@@ -147,7 +148,7 @@ def _losses(model: nn.Module, embeddings: mx.array, image_index: mx.array, promp
     p = mx.sigmoid(low)
     ce = mx.logaddexp(0.0, low) - low * t  # binary cross-entropy with logits
     pt = p * t + (1 - p) * (1 - t)
-    focal = ((0.25 * t + 0.75 * (1 - t)) * (1 - pt) ** 2 * ce).mean(axis=(2, 3))
+    focal = ((FOCAL_ALPHA * t + (1 - FOCAL_ALPHA) * (1 - t)) * (1 - pt) ** 2 * ce).mean(axis=(2, 3))
     dice = 1 - (2 * (p * t).sum(axis=(2, 3)) + 1) / (p.sum(axis=(2, 3)) + t.sum(axis=(2, 3)) + 1)
     combined = FOCAL_WEIGHT * focal + dice  # (P, C)
     hard = mx.stop_gradient(low > 0)
@@ -265,8 +266,7 @@ def train_sam(config: SamTrainConfig, ranks: Optional[Ranks] = None) -> dict[str
     start = int(state["step"]) if state is not None else 0
     warmup = config.warmup if config.warmup is not None else min(max(total // 20, 1), 250) if total > 1 else 0
     set_trainable(model, config.train)
-    optimizer = optim.AdamW(learning_rate=lr_schedule(config.lr, total, warmup, config.schedule),
-                            weight_decay=config.weight_decay)
+    optimizer = make_optimizer(config, total, warmup)
     if arrays is not None:
         restore_optimizer(optimizer, model, arrays, str(config.resume))
     frozen_encoder = config.train == "decoder"

@@ -50,7 +50,7 @@ from mlx_evit.tasks.transforms import ImageLoadError
 from mlx_evit.tasks.seg_datasets import DATASETS, IGNORE, IoUMeter, get_dataset
 from mlx_evit.tasks.seg_train_data import (SegData, augment, check_pairs, default_palette, find_pairs, input_size,
                                            load_pair, read_classes)
-from mlx_evit.tasks.training import (Progress, TrainConfig, TrainingError, check_ranks, check_train_output, lr_schedule,
+from mlx_evit.tasks.training import (Progress, TrainConfig, TrainingError, check_ranks, check_train_output, make_optimizer,
                                      read_checkpoint, restore_optimizer, sample_rng, save_checkpoint,
                                      sync_batch_norms)
 
@@ -217,8 +217,7 @@ def train_segmentation(config: SegTrainConfig, ranks: Optional[Ranks] = None) ->
         total = int(state["total_steps"])
     start = int(state["step"]) if state is not None else 0
     warmup = config.warmup if config.warmup is not None else min(max(total // 10, 1), 1500) if total > 1 else 0
-    optimizer = optim.AdamW(learning_rate=lr_schedule(config.lr, total, warmup, config.schedule),
-                            weight_decay=config.weight_decay)
+    optimizer = make_optimizer(config, total, warmup)
     if arrays is not None:
         restore_optimizer(optimizer, model, arrays, str(config.resume))
     short = min(config.image_size)

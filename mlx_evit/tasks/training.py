@@ -37,11 +37,13 @@ from mlx_evit.outputs import OutputDir, atomic_directory, check_output_dir
 from mlx_evit.tasks.distributed import RankFailure, Ranks
 
 __all__ = ["TrainingError", "lr_schedule", "SyncBatchNorm", "sync_batch_norms", "global_sum", "check_ranks",
-           "save_checkpoint", "read_checkpoint", "restore_optimizer", "Progress", "STATE_JSON",
+           "save_checkpoint", "read_checkpoint", "make_optimizer", "OPTIMIZERS",
+           "restore_optimizer", "Progress", "STATE_JSON",
            "STATE_WEIGHTS", "check_train_output", "sample_rng"]
 
 STATE_JSON = "training_state.json"
 STATE_WEIGHTS = "training_state.safetensors"
+OPTIMIZERS = ("adamw", "sgd")
 
 
 class TrainingError(ValueError):
@@ -70,6 +72,7 @@ class TrainConfig:
     epochs: Optional[int] = None
     batch_size: int = 8
     lr: float = 3e-4
+    optimizer: str = "adamw"
     weight_decay: float = 0.01
     warmup: Optional[int] = None
     schedule: str = "poly"
@@ -114,6 +117,20 @@ def lr_schedule(peak: float, steps: int, warmup: int, kind: str = "cosine",
 
 
 # ----------------------------------------------------------------------------- BatchNorm
+
+
+def make_optimizer(config: "TrainConfig", total: int, warmup: int) -> optim.Optimizer:
+    """``config.optimizer``: ``"adamw"`` (the default) or ``"sgd"`` (momentum 0.9), both with
+    ``config.weight_decay`` and :func:`lr_schedule`. SGD's update is linear in the gradient, so runs
+    that differ only by the rounding of the gradient (N ranks against one process) stay that close;
+    AdamW divides by the gradient's running RMS, which turns round-off of near-zero gradients into
+    updates of size ``lr`` (see tests/test_seg_training.py)."""
+    if config.optimizer not in OPTIMIZERS:
+        raise TrainingError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {config.optimizer!r}")
+    schedule = lr_schedule(config.lr, total, warmup, config.schedule)
+    if config.optimizer == "sgd":
+        return optim.SGD(learning_rate=schedule, momentum=0.9, weight_decay=config.weight_decay)
+    return optim.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
 
 
 def global_sum(group: mx.distributed.Group) -> Callable[[mx.array], mx.array]:
