@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -146,21 +145,11 @@ def run_seg_tf32(tmp: str) -> dict:
     return res
 
 
-def _ms(fn, reps=5, burst=0.15) -> float:
-    import mlx.core as mx
+def _ms(fn) -> float:
+    """Median ms per call over 5 bursts of at least 0.15 s (``gpu_profile.median_ms``)."""
+    from gpu_profile import median_ms
 
-    for _ in range(2):
-        mx.eval(fn())
-    mx.synchronize()
-    rates = []
-    for _ in range(reps):
-        n, t0 = 0, time.perf_counter()
-        while n < 2 or time.perf_counter() - t0 < burst:
-            mx.eval(fn())
-            n += 1
-        mx.synchronize()
-        rates.append((time.perf_counter() - t0) / n * 1e3)
-    return statistics.median(rates)
+    return median_ms(fn, reps=5, min_time=0.15)
 
 
 def run_prepare(tmp: str) -> dict:

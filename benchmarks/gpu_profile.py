@@ -51,22 +51,18 @@ CASES = {  # name: (registry model, input NHWC, timm / upstream builder for the 
 QUICK = {"b1_256": (2, 64, 64, 3), "l1_256": (2, 64, 64, 3), "seg_l2": (1, 64, 128, 3), "sam_xl1": (1, 128, 128, 3)}
 
 
-def _sync() -> None:
-    mx.synchronize()
-
-
 def median_ms(fn, reps: int = 5, min_time: float = 0.02) -> float:
     """Median over ``reps`` bursts of the time per call (each burst at least ``min_time`` s)."""
     for _ in range(2):
         mx.eval(fn())
-    _sync()
+    mx.synchronize()
     out = []
     for _ in range(reps):
         n, t0 = 0, time.perf_counter()
         while True:
             mx.eval(fn())
             n += 1
-            _sync()
+            mx.synchronize()
             if time.perf_counter() - t0 >= min_time:
                 break
         out.append((time.perf_counter() - t0) / n * 1e3)
@@ -80,6 +76,7 @@ def _describe(args) -> str:
 def record_calls(model: nn.Module, x: mx.array):
     """One eager forward; returns ``(leaves, blocks)``: lists of ``(kind, shape text, fn)`` to time."""
     from mlx_evit.models import mit, sam_model
+    from mlx_evit.models.seg_model import SegHead
     from mlx_evit.ops import layers
 
     leaves, blocks = [], []
@@ -127,22 +124,12 @@ def record_calls(model: nn.Module, x: mx.array):
                           (mit.FusedMBConv, "FusedMBConv"), (mit.LiteMLA, "LiteMLA"),
                           (mit.ClassifierHead, "ClassifierHead"), (sam_model.SamNeck, "SamNeck")):
             patch(cls, "__call__", kind, blocks, block=True)
-        seg_head = _seg_head_class()
-        if seg_head is not None:
-            patch(seg_head, "__call__", "SegHead", blocks, block=True)
+        patch(SegHead, "__call__", "SegHead", blocks, block=True)
         mx.eval(model(x))
     finally:
         for owner, attr, original in reversed(patched):
             setattr(owner, attr, original)
     return leaves, blocks
-
-
-def _seg_head_class():
-    try:
-        from mlx_evit.models.seg_model import SegHead
-    except ImportError:
-        return None
-    return SegHead
 
 
 def summarise(calls) -> list[dict]:
