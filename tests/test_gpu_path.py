@@ -219,6 +219,7 @@ def test_transposed_conv_2x2_equals_a_float64_reference(monkeypatch, mode):
     monkeypatch.setenv("MLX_EVIT_KERNELS", mode)
     up = ConvTranspose2x2(12, 5)
     up.bias = mx.array(np.random.default_rng(5).standard_normal(5).astype(np.float32))
+    up.weight = mx.array(np.random.default_rng(7).standard_normal((5, 2, 2, 12)).astype(np.float32))  # 4 taps
     x = np.random.default_rng(6).standard_normal((2, 3, 4, 12)).astype(np.float32)
     w, b = np.asarray(up.weight).astype(np.float64), np.asarray(up.bias).astype(np.float64)
     want = np.zeros((2, 6, 8, 5))
