@@ -68,6 +68,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                    help="box, point or box,point (default: box,point)")
     p.add_argument("--corrections", type=int, default=1, metavar="N", help="correction-point rounds")
     p.add_argument("--image-size", type=_positive, metavar="PX", help="encoder resolution (default: the model's)")
+    p.add_argument("--focal-weight", type=float, default=20.0, metavar="W",
+                   help="focal : dice loss weight (default 20, SAM's; 0 for a decoder trained from random weights)")
     add_schedule_and_run(p, lr=1e-4, warmup="5%%, at most 250", schedules=("cosine", "poly"),
                          val_help="validation data: mask IoU from box prompts before and after",
                          seed_help="order, prompts")
@@ -86,7 +88,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     result, ranks, status = train_and_report(
         args, console, train_sam, SamTrainConfig, annotations=args.annotations, train=args.train,
         masks_per_image=args.masks_per_image, prompts=args.prompts, corrections=args.corrections,
-        image_size=args.image_size)
+        image_size=args.image_size, focal_weight=args.focal_weight)
     if result is None or ranks.rank != 0:
         return status
     return print_summary(result, args, ranks, "iou", "validation mask IoU")
