@@ -9,8 +9,12 @@ triangle), with a 2-pixel band of 255 (ignore) around each shape. Each kind
 of shape has its own range of colours and the background is noisy, so the
 classes can be learnt from a few hundred crops.
 
-sam: the same kind of images; every shape is one instance mask,
-``masks/<stem>_<k>.png`` (0/255).
+sam: one or two larger shapes on a plain dark background; every shape is
+one instance mask, ``masks/<stem>_<k>.png`` (0/255). Plain and large
+because the README trains the decoder on a frozen image encoder with random
+weights (no pretrained model offline): such an encoder's embedding shows
+a shape well only when it stands out (a linear read-out of the shapes from
+it: IoU 0.82 on these images at 256 px, 0.35 on the busy seg-style ones).
 """
 
 from __future__ import annotations
@@ -26,18 +30,27 @@ CLASSES = ("background", "disc", "rectangle", "triangle")
 HUES = {1: (200, 60, 50), 2: (50, 170, 60), 3: (60, 80, 200)}  # base colour per shape kind
 
 
-def scene(rng: np.random.Generator, size: tuple[int, int], shapes: int) -> tuple[np.ndarray, np.ndarray, list]:
-    """(image uint8 (H, W, 3), class map uint8 (H, W), [(class, instance mask bool)])."""
+def scene(rng: np.random.Generator, size: tuple[int, int], shapes: int, plain: bool = False,
+          radius: tuple[int, int] = (10, 4)) -> tuple[np.ndarray, np.ndarray, list]:
+    """(image uint8 (H, W, 3), class map uint8 (H, W), [(class, instance mask bool)]).
+
+    ``plain``: a dark grey background with little noise instead of a random colour gradient;
+    ``radius``: shape radii from min(H, W) // radius[0] to min(H, W) // radius[1].
+    """
     h, w = size
-    base = rng.integers(60, 200, 3)
-    yy, xx = np.mgrid[0:h, 0:w]
-    background = base + (xx / w * rng.integers(-60, 60) + yy / h * rng.integers(-60, 60))[..., None]
-    image = Image.fromarray(np.clip(background + rng.normal(0, 18, (h, w, 3)), 0, 255).astype(np.uint8))
+    if plain:
+        background, noise = np.full((h, w, 3), 50.0), 6
+    else:
+        base = rng.integers(60, 200, 3)
+        yy, xx = np.mgrid[0:h, 0:w]
+        background = base + (xx / w * rng.integers(-60, 60) + yy / h * rng.integers(-60, 60))[..., None]
+        noise = 18
+    image = Image.fromarray(np.clip(background + rng.normal(0, noise, (h, w, 3)), 0, 255).astype(np.uint8))
     classes = np.zeros((h, w), np.uint8)
     instances = []
     for _ in range(shapes):
         kind = int(rng.integers(1, 4))
-        r = int(rng.integers(min(h, w) // 10, min(h, w) // 4))
+        r = int(rng.integers(min(h, w) // radius[0], min(h, w) // radius[1]))
         cx, cy = int(rng.integers(r, w - r)), int(rng.integers(r, h - r))
         mask_img = Image.new("L", (w, h), 0)
         draw = ImageDraw.Draw(mask_img)
@@ -79,7 +92,10 @@ def make(kind: str, out: Path, train: int, val: int, size: tuple[int, int], seed
         targets.mkdir(parents=True, exist_ok=True)
         for i in range(count):
             h, w = (int(rng.integers(size[0] * 3 // 4, size[0] + 1)), int(rng.integers(size[1] * 3 // 4, size[1] + 1)))
-            pixels, classes, instances = scene(rng, (h, w), int(rng.integers(2, 6)))
+            if kind == "seg":
+                pixels, classes, instances = scene(rng, (h, w), int(rng.integers(2, 6)))
+            else:
+                pixels, classes, instances = scene(rng, (h, w), int(rng.integers(1, 3)), plain=True, radius=(6, 3))
             stem = f"{split}_{i:04d}"
             Image.fromarray(pixels).save(images / f"{stem}.jpg", quality=92)
             if kind == "seg":

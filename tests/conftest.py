@@ -36,7 +36,8 @@ SLOW = (
     "test_seed.py::test_learns_digits",
     # fine-tuning from random weights on the loaded 2-core machine (about 1-2 min each there)
     "test_seg_training.py::test_training_raises_validation_miou",
-    "test_sam_training.py::test_decoder_training_lowers_the_box_loss",
+    "test_sam_training.py::test_decoder_training_",
+    "test_readme_training.py::test_the_readme_training_block",
 )
 """Node ids (relative to tests/, prefixes match) of the slowest cases."""
 
