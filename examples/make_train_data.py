@@ -14,7 +14,7 @@ one instance mask, ``masks/<stem>_<k>.png`` (0/255). Plain and large
 because the README trains the decoder on a frozen image encoder with random
 weights (no pretrained model offline): such an encoder's embedding shows
 a shape well only when it stands out (a linear read-out of the shapes from
-it: IoU 0.82 on these images at 256 px, 0.35 on the busy seg-style ones).
+it: IoU 0.82 on these images at 256 px, 0.35 with the seg kind's busy backgrounds).
 """
 
 from __future__ import annotations

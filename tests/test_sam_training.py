@@ -2,8 +2,9 @@
 
 A random SAM-L0 with a 64-pixel encoder keeps runs short (the decoder's cost
 does not depend on it). Checked: decoder training lowers the validation
-loss from box prompts (the IoU gain: tests/test_readme_training.py); the output loads in SamPredictor, the automatic
-mask generator and the command; COCO RLE (pycocotools' encoding) and
+loss from box prompts (the IoU gain: tests/test_readme_training.py); the
+output loads in SamPredictor, the automatic mask generator and the
+command; COCO RLE (pycocotools' encoding) and
 polygons decode to the masks they encode; bad data stops the run with one
 line before any step.
 """

@@ -68,12 +68,11 @@ class ConvTranspose2x2(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         scale = 1.0 / math.sqrt(4 * in_channels)
-        # The four taps start equal (nearest-neighbour upsampling, then one linear map), as Aitken et
-        # al.'s "ICNR" initialisation does for sub-pixel convolutions: independent random taps would give
-        # each of the 2x2 output phases its own random features, a checkerboard a from-scratch decoder
-        # first has to unlearn before a mask can follow the image (see tests/test_sam_training.py).
+        # From scratch the four taps start equal (nearest-neighbour upsampling, then one linear map), as
+        # Aitken et al.'s "ICNR" initialisation does for sub-pixel convolutions: independent random taps
+        # would give each of the 2x2 output phases its own random features, a checkerboard pattern.
         tap = mx.random.uniform(-scale, scale, (out_channels, 1, 1, in_channels))
-        self.weight = mx.broadcast_to(tap, (out_channels, 2, 2, in_channels)) * 1.0
+        self.weight = mx.tile(tap, (1, 2, 2, 1))
         self.bias = mx.zeros((out_channels,))
 
     def __call__(self, x: mx.array) -> mx.array:

@@ -150,10 +150,10 @@ def calibrate_batch_norms(encoder: nn.Module, images: Sequence[np.ndarray], batc
     statistics over ``images`` (preprocessed, one forward pass per ``batch``); returns how many BatchNorms.
 
     A random encoder's statistics (mean 0, variance 1) never saw data: in eval mode its embedding is
-    then nearly the same at every position (on the example shapes the spatial spread is 7% of the
-    embedding's, and a linear read-out of the shapes from it fails), so a decoder trained on it
-    cannot follow the image. Training the encoder would set these statistics in its first steps; a
-    frozen one gets them here (after calibration: 83%, and the shapes read out linearly at R^2 0.88).
+    then nearly the same at every position, so a decoder trained on it cannot follow the image (on the
+    README's example images at 256 px, the embedding's spatial standard deviation is 6% of its mean
+    magnitude; 90% after calibration). Training the encoder would set these statistics in its first
+    steps; a frozen one gets them here.
     """
     norms = [m for _, m in encoder.named_modules() if isinstance(m, nn.BatchNorm)]
     momentum = [m.momentum for m in norms]
